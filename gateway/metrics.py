@@ -1,0 +1,106 @@
+"""Every Prometheus metric of the gateway, defined once: `rerank_<noun>_<unit>` with fixed labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+REQUESTS = Counter(
+    "rerank_requests_total",
+    "HTTP rerank requests by dialect, route and status code.",
+    ["dialect", "route", "status"],
+    registry=REGISTRY,
+)
+REQUEST_LATENCY = Histogram(
+    "rerank_request_duration_seconds",
+    "End-to-end latency of rerank requests.",
+    ["dialect"],
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+QUEUE_LATENCY = Histogram(
+    "rerank_queue_duration_seconds",
+    "Time a pair waited in the coalescer queue before its batch started.",
+    ["engine"],
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+INFERENCE_LATENCY = Histogram(
+    "rerank_inference_duration_seconds",
+    "Time an engine took to score one batch.",
+    ["engine"],
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "rerank_batch_size_pairs",
+    "Pairs per engine batch.",
+    ["engine"],
+    buckets=_SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+BATCH_TOKENS = Histogram(
+    "rerank_batch_tokens",
+    "Real (unpadded) tokens per engine batch.",
+    ["engine"],
+    buckets=_TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+PADDING_WASTE = Histogram(
+    "rerank_batch_padding_ratio",
+    "Share of a padded batch's token slots that are padding (0..1).",
+    ["engine"],
+    buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "rerank_queue_depth_pairs",
+    "Pairs waiting in the coalescer queue.",
+    ["engine"],
+    registry=REGISTRY,
+)
+DOCUMENTS_TRUNCATED = Counter(
+    "rerank_documents_truncated_total",
+    "Documents cut by the scoring contract or a per-document token cap.",
+    registry=REGISTRY,
+)
+DOCUMENTS_CHUNKED = Counter(
+    "rerank_documents_chunked_total",
+    "Documents split into several chunks (score = max over chunks).",
+    registry=REGISTRY,
+)
+ENGINE_HEALTHY = Gauge(
+    "rerank_engine_healthy_bool",
+    "1 when the engine's last health check passed.",
+    ["engine"],
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "rerank_circuit_state",
+    "Circuit breaker state per engine: 0 closed, 1 half-open, 2 open.",
+    ["engine"],
+    registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "rerank_fallbacks_total",
+    "Batches answered by the fallback engine, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+DROPPED = Counter(
+    "rerank_dropped_requests_total",
+    "Requests whose queued pairs were dropped before inference, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+ENGINE_ERRORS = Counter(
+    "rerank_engine_errors_total",
+    "Engine failures by engine and kind (unavailable, timeout, failure).",
+    ["engine", "kind"],
+    registry=REGISTRY,
+)
