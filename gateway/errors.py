@@ -1,0 +1,102 @@
+"""The gateway's exception hierarchy. Each class maps to exactly one HTTP status (see the table below).
+
+Routes and services raise these; one handler (registered by the app factory) renders every one of them as
+`{"error": {"message", "type", "param", "code"}}`. Engine errors are translated here too, so routes never
+catch bare `Exception`.
+"""
+
+from __future__ import annotations
+
+from engines.base import EngineError, EngineFailure, EngineTimeout, EngineUnavailable
+
+
+class GatewayError(Exception):
+    """Base class: an error with an HTTP status and a message that tells the caller what to change."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.error_type
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(GatewayError):
+    """The request is malformed or out of range (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    """The Bearer key is missing or wrong (401)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ModelNotFound(GatewayError):
+    """The request names a model this gateway does not serve (404)."""
+
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    """Too many documents or too large a body (413)."""
+
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Overloaded(GatewayError):
+    """The queue is full; retry after `retry_after_s` (429)."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float, **kw) -> None:
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class ServiceUnavailable(GatewayError):
+    """No engine can answer now, or a request's deadline passed while queued (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class UpstreamFailure(GatewayError):
+    """The engine answered with an error (502)."""
+
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class GatewayTimeout(ServiceUnavailable):
+    """The request's deadline passed before it was scored (503, as issue 4 asks)."""
+
+    error_type = "timeout"
+
+
+def from_engine_error(exc: EngineError) -> GatewayError:
+    """Translate an engine failure at the boundary to the HTTP status table."""
+    if isinstance(exc, EngineTimeout):
+        return GatewayTimeout(f"the engine did not answer in time: {exc}")
+    if isinstance(exc, EngineUnavailable):
+        return ServiceUnavailable(f"no engine is available: {exc}")
+    if isinstance(exc, EngineFailure):
+        return UpstreamFailure(f"the engine failed: {exc}")
+    return UpstreamFailure(f"the engine failed: {exc}")

@@ -1,0 +1,125 @@
+"""Shared fixtures: the tiny random-weight model every engine is tested on, built once and cached.
+
+The model is built with tests/tiny_model.py and prepared with the project's own `rerank-gateway export`
+(fp32 and int8 ONNX graphs plus manifest). Both are cached under .cache/test-models/ across test runs,
+keyed by the model recipe; a file lock makes concurrent test processes build it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests import tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_ROOT = Path(os.environ.get("RERANK_TEST_CACHE", REPO_ROOT / ".cache" / "test-models"))
+
+
+def _recipe_key(*parts: object) -> str:
+    h = hashlib.sha256()
+    h.update(inspect.getsource(tiny_model).encode())
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:12]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_build(name: str, key: str, build) -> Path:
+    """Build into CACHE_ROOT/name-key once (atomically: a half-built folder is never used)."""
+    final = CACHE_ROOT / f"{name}-{key}"
+    with _locked(final):
+        if (final / ".complete").is_file():
+            return final
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
+def tiny_hf_model(max_position_embeddings: int = 32768) -> Path:
+    key = _recipe_key("hf", max_position_embeddings)
+    return cached_build(
+        f"tiny-hf-{max_position_embeddings}",
+        key,
+        lambda out: tiny_model.build_tiny_model(out, max_position_embeddings=max_position_embeddings),
+    )
+
+
+def prepared_model(hf_dir: Path, *, quantize: str = "int8") -> Path:
+    """Run the project's own export command on an HF folder (cached)."""
+    from engines import export as export_module  # the export code is part of the recipe
+
+    key = _recipe_key("prepared", hf_dir.name, quantize, inspect.getsource(export_module))
+
+    def build(out: Path) -> None:
+        from gateway.cli import main
+
+        rc = main(["export", str(hf_dir), "--out", str(out), "--quantize", quantize])
+        assert rc == 0, f"rerank-gateway export failed with exit status {rc}"
+
+    return cached_build(f"tiny-prepared-{hf_dir.name}", key, build)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir() -> Path:
+    """HF folder (config.json, model.safetensors, tokenizer files) of the tiny random Qwen2."""
+    return tiny_hf_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_hf_dir: Path) -> Path:
+    """Prepared folder: model.onnx (fp32), model.int8.onnx, rerank_manifest.json, tokenizer, config."""
+    return prepared_model(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def prompt_builder(tiny_model_dir: Path):
+    from engines.contract import PromptBuilder
+
+    return PromptBuilder.from_dir(tiny_model_dir)
+
+
+@pytest.fixture
+def make_settings(tiny_model_dir: Path, tmp_path: Path):
+    """Settings serving the tiny prepared model with the given overrides (no .env, no environment)."""
+    from gateway.config import Settings
+
+    def make(**overrides):
+        base = {
+            "model": "mixedbread-ai/mxbai-rerank-base-v2",
+            "model_path": tiny_model_dir,
+            "cache_dir": tmp_path / "cache",
+        }
+        base.update(overrides)
+        return Settings(_env_file=None, **base)
+
+    return make
+
+
+def require_real_component(what: str, reason: str) -> None:
+    """Skip a real-component test locally when `what` cannot start; with CI=true, fail loudly instead."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} is required in CI but cannot start: {reason}")
+    pytest.skip(f"{what} unavailable: {reason}")
