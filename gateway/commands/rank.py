@@ -1,0 +1,58 @@
+"""`rerank-gateway rank`: rank the documents of a JSON file against one query, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from gateway import local
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "rank",
+        help="Rank a docs file against a query and print JSON results.",
+        description=(
+            "Score every document of a JSON file (a list of strings or of objects with 'text') against "
+            "QUERY and print [{index, score, document}] best first. score is the raw model score; "
+            "--normalize adds relevance_score in 0..1."
+        ),
+    )
+    parser.add_argument("--query", required=True, help="The search query.")
+    parser.add_argument("--docs-file", required=True, metavar="F", help="JSON list of documents.")
+    local.add_engine_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every input is checked before the model loads.
+    query = local.check_query(args.query, "--query")
+    documents = local.load_documents(args.docs_file)
+    top_k = local.parse_top_k(args.top_k, "--top-k")
+    instruction = args.instruction or None
+    settings = local.settings_from_args(args)
+    engine_name = local.engine_name_from_args(args, settings)
+    local.check_model_location(settings)
+
+    async def go() -> list[dict]:
+        ranker = await local.LocalRanker.open(settings, engine_name, quiet=args.quiet)
+        try:
+            started = time.perf_counter()
+            results = await ranker.rank(
+                query,
+                documents,
+                instruction=instruction,
+                top_k=top_k,
+                normalize=args.normalize,
+                return_documents=not args.no_documents,
+            )
+            local.info(
+                args.quiet,
+                f"scored {len(documents)} documents in {time.perf_counter() - started:.2f} s",
+            )
+            return results
+        finally:
+            await ranker.close()
+
+    local.write_json(local.run(go()), None)
+    return 0

@@ -1,0 +1,405 @@
+"""Local ranking shared by the `rank` and `batch` commands: input files, settings from flags, one engine.
+
+Everything here runs in the CLI process, with no HTTP in between. Inputs are checked before the model is
+loaded, so a typo in a file costs no model load, and every bad input raises `InputError`, which the CLI
+prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engines.base import Engine
+    from engines.contract import PromptBuilder
+    from gateway.config import Settings
+
+LOCAL_ENGINES = ("onnx", "reference")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MANIFEST_NAME = "rerank_manifest.json"
+
+
+class InputError(ValueError):
+    """A bad command-line input (file, flag or model); the CLI prints it as one line.
+
+    A ValueError rather than gateway.cli.CLIError: under `python -m gateway.cli` the CLI module runs as
+    `__main__`, so a CLIError imported from `gateway.cli` is a different class that its handler misses.
+    """
+
+
+# --- input files ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One query of a batch, with its documents and options."""
+
+    query: str
+    documents: tuple[str, ...]
+    instruction: str | None = None
+    top_k: int | None = None
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, turning every way it can fail into one InputError line."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} {str(p)!r} does not exist")
+    if not p.is_file():
+        raise InputError(f"{what} {str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} {str(p)!r}: {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{what} {str(p)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+
+
+def parse_documents(value: Any, where: str) -> tuple[str, ...]:
+    """A non-empty list of strings or of objects with a string `text`, as document texts."""
+    if not isinstance(value, list):
+        raise InputError(
+            f"{where} must be a JSON list of strings or of objects with a 'text' field, "
+            f"got {type(value).__name__}"
+        )
+    if not value:
+        raise InputError(f"{where} is an empty list: give at least one document")
+    texts = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif isinstance(item, dict):
+            raise InputError(f"{where}: document {i} is an object without a string 'text' field")
+        else:
+            raise InputError(
+                f"{where}: document {i} must be a string or an object with 'text', got {type(item).__name__}"
+            )
+    return tuple(texts)
+
+
+def load_documents(path: str | Path) -> tuple[str, ...]:
+    """Documents of a docs file: a JSON list of strings or of objects with `text` (or {"documents": list})."""
+    data = read_json_file(path, "docs file")
+    where = f"docs file {str(path)!r}"
+    if isinstance(data, dict) and "documents" in data:
+        # A single case file (such as data/hf_harper_lee.json) doubles as a docs file.
+        return parse_documents(data["documents"], f"{where} 'documents'")
+    return parse_documents(data, where)
+
+
+def check_query(query: Any, where: str) -> str:
+    if not isinstance(query, str):
+        raise InputError(f"{where}: the query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise InputError(f"{where}: the query is empty")
+    return query
+
+
+def parse_top_k(value: Any, where: str) -> int | None:
+    """None (every document) or an integer >= 1; strings come from the command line."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"{where} must be a whole number >= 1, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{where} must be a whole number >= 1, got {value!r}")
+    if value < 1:
+        raise InputError(f"{where} must be at least 1, got {value}")
+    return value
+
+
+def load_cases(
+    path: str | Path, *, default_instruction: str | None = None, default_top_k: int | None = None
+) -> list[Case]:
+    """Cases of a cases file: `{"cases": [{"query", "documents", "instruction"?, "top_k"?}]}`."""
+    data = read_json_file(path, "cases file")
+    where = f"cases file {str(path)!r}"
+    if isinstance(data, dict) and "cases" not in data and "query" in data:
+        data = {"cases": [data]}  # one case on its own, such as data/hf_harper_lee.json
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise InputError(f'{where} must be a JSON object {{"cases": [{{"query": ..., "documents": [...]}}]}}')
+    if not data["cases"]:
+        raise InputError(f"{where} has no cases")
+    cases = []
+    for i, raw in enumerate(data["cases"]):
+        at = f"{where}, case {i}"
+        if not isinstance(raw, dict):
+            raise InputError(f"{at} must be an object with 'query' and 'documents'")
+        for key in ("query", "documents"):
+            if key not in raw:
+                raise InputError(f"{at} has no {key!r}")
+        instruction = raw.get("instruction", default_instruction)
+        if instruction is not None and not isinstance(instruction, str):
+            raise InputError(f"{at}: 'instruction' must be a string")
+        cases.append(
+            Case(
+                query=check_query(raw["query"], at),
+                documents=parse_documents(raw["documents"], f"{at} 'documents'"),
+                instruction=instruction or None,
+                top_k=parse_top_k(raw.get("top_k", default_top_k), f"{at} 'top_k'"),
+            )
+        )
+    return cases
+
+
+# --- flags and settings -----------------------------------------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every local command shares. Engine, device and top-k are checked by hand, not by argparse,
+    so a bad value is one error line rather than a usage dump."""
+    parser.add_argument(
+        "--top-k", default=None, metavar="K", help="Keep the K best documents (default: all)."
+    )
+    parser.add_argument(
+        "--engine",
+        default=None,
+        metavar="{onnx,reference}",
+        help="onnx (default: the prepared int8 or fp32 graph) or reference (the official wrapper).",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        metavar="{auto,cpu,cuda,mps}",
+        help="Where the engine runs (default: RERANK_DEVICE or auto).",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="M",
+        help="A local model folder (prepared or Hugging Face) or a hub id; "
+        "default: RERANK_MODEL_PATH, else RERANK_MODEL.",
+    )
+    parser.add_argument("--revision", default=None, metavar="R", help="Hub revision (branch, tag or commit).")
+    parser.add_argument("--instruction", default=None, metavar="I", help="Instruction added to every query.")
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="Add relevance_score = sigmoid(score - estimated_max / 2) to each result.",
+    )
+    parser.add_argument(
+        "--no-documents", action="store_true", help="Leave document texts out of the results."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="Print nothing but the results.")
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or "\\" in model or Path(model).expanduser().exists()
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from RERANK_ variables and .env, with the command-line flags on top."""
+    from pydantic import ValidationError
+
+    from gateway.config import Settings
+
+    overrides: dict[str, Any] = {}
+    if args.model:
+        if _looks_like_path(args.model):
+            overrides["model_path"] = Path(args.model).expanduser()
+        else:
+            # A hub id given on the command line wins over a RERANK_MODEL_PATH from the environment.
+            overrides["model"] = args.model
+            overrides["model_path"] = None
+    if args.revision:
+        overrides["model_revision"] = args.revision
+    if args.device is not None:
+        if args.device not in DEVICES:
+            raise InputError(f"unknown device {args.device!r}: choose one of {', '.join(DEVICES)}")
+        overrides["device"] = args.device
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise InputError(
+            f"invalid setting {field} (flag or RERANK_{field.upper()}): {first['msg']}"
+        ) from None
+
+
+def engine_name_from_args(args: argparse.Namespace, settings: Settings) -> str:
+    """The local engine: --engine, else RERANK_ENGINE when it is a local one, else onnx."""
+    name = args.engine
+    if name is None:
+        name = settings.engine if settings.engine in LOCAL_ENGINES else "onnx"
+    if name not in LOCAL_ENGINES:
+        raise InputError(
+            f"unknown engine {name!r}: local commands run {' or '.join(LOCAL_ENGINES)} "
+            "(use `rerank-gateway serve` for vllm)"
+        )
+    return name
+
+
+def check_model_location(settings: Settings) -> None:
+    """Fail early, in one line, when the configured local model folder does not exist."""
+    path = settings.model_path
+    if path is None:
+        return
+    if not path.exists():
+        raise InputError(f"model folder {str(path)!r} does not exist (set by --model or RERANK_MODEL_PATH)")
+    if not path.is_dir():
+        raise InputError(f"model path {str(path)!r} is not a folder (set by --model or RERANK_MODEL_PATH)")
+
+
+def info(quiet: bool, message: str) -> None:
+    """Progress and facts for people, on stderr, so stdout stays pure JSON."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --- scoring ----------------------------------------------------------------------------------------
+
+
+def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
+    """Normalization constant: settings, else the prepared model's manifest, else the model id."""
+    from engines.contract import estimated_max_for
+
+    if settings.estimated_max is not None:
+        return settings.estimated_max
+    if model_dir is not None and (model_dir / MANIFEST_NAME).is_file():
+        try:
+            value = json.loads((model_dir / MANIFEST_NAME).read_text()).get("estimated_max")
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, (int, float)):
+            return float(value)
+    if settings.model_path is not None:
+        # A local folder often keeps the hub name in its path (e.g. .../mxbai-rerank-large-v2).
+        hint = str(settings.model_path).lower()
+        if "rerank-base-v2" in hint or "rerank-large-v2" in hint:
+            return estimated_max_for(hint)
+    return estimated_max_for(settings.model)
+
+
+class LocalRanker:
+    """A started engine with its prompt builder: scores queries against documents in this process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        builder: PromptBuilder,
+        *,
+        engine_name: str,
+        model_dir: Path | None,
+        estimated_max: float,
+    ) -> None:
+        self.engine = engine
+        self.builder = builder
+        self.engine_name = engine_name
+        self.model_dir = model_dir
+        self.estimated_max = estimated_max
+
+    @classmethod
+    async def open(cls, settings: Settings, engine_name: str, *, quiet: bool = True) -> LocalRanker:
+        """Resolve the model, build and start the engine."""
+        from engines.contract import PromptBuilder
+        from engines.factory import build_engine
+        from engines.model_store import resolve_model
+
+        check_model_location(settings)
+        started = time.perf_counter()
+        model_dir = resolve_model(settings)
+        builder = PromptBuilder.from_dir(model_dir, max_length=settings.max_length)
+        engine = build_engine(engine_name, settings, model_dir)  # type: ignore[arg-type]
+        await engine.start()
+        info(
+            quiet,
+            f"loaded {model_dir} on the {engine_name} engine"
+            + (f" ({settings.quantization})" if engine_name == "onnx" else "")
+            + f" in {time.perf_counter() - started:.1f} s",
+        )
+        return cls(
+            engine,
+            builder,
+            engine_name=engine_name,
+            model_dir=model_dir,
+            estimated_max=estimated_max_of(settings, model_dir),
+        )
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def scores(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> list[float]:
+        """Raw scores of `documents` for `query`, in input order."""
+        prompts = self.builder.build(query, documents, instruction)
+        scored = await self.engine.score(prompts)
+        return list(scored.scores)
+
+    async def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        instruction: str | None = None,
+        top_k: int | None = None,
+        normalize: bool = False,
+        return_documents: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Results best first: {index, score (raw), document?, relevance_score?}."""
+        return format_results(
+            await self.scores(query, documents, instruction),
+            documents,
+            top_k=top_k,
+            estimated_max=self.estimated_max if normalize else None,
+            return_documents=return_documents,
+        )
+
+
+def format_results(
+    scores: Sequence[float],
+    documents: Sequence[str],
+    *,
+    top_k: int | None = None,
+    estimated_max: float | None = None,
+    return_documents: bool = True,
+) -> list[dict[str, Any]]:
+    """Order scores with the gateway's rule and shape them as the CLI prints them."""
+    from engines.contract import normalize_score
+    from gateway.ranking import rank_indices
+
+    out = []
+    for i in rank_indices(scores, top_k):
+        row: dict[str, Any] = {"index": i, "score": float(scores[i])}
+        if estimated_max is not None:
+            row["relevance_score"] = normalize_score(float(scores[i]), estimated_max)
+        if return_documents:
+            row["document"] = documents[i]
+        out.append(row)
+    return out
+
+
+def run(coro: Any) -> Any:
+    """Run one coroutine to completion from synchronous command code."""
+    return asyncio.run(coro)
+
+
+def write_json(data: Any, output: str | None) -> None:
+    """JSON to stdout, or to a file when `output` is given."""
+    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {output!r}: {exc.strerror or exc}") from exc
