@@ -30,6 +30,10 @@ class EngineFailure(EngineError):
     """The engine answered, but with an error or a malformed result."""
 
 
+class EngineRejected(EngineFailure):
+    """A healthy engine refused this batch (e.g. a prompt over its length limit); not a health failure."""
+
+
 class ModelPreparationError(Exception):
     """A model folder is missing, truncated, or does not match this gateway's scoring contract."""
 
