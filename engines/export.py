@@ -1,0 +1,472 @@
+"""torch -> ONNX export of an mxbai-rerank-v2 model: the raw score at the last position, nothing else.
+
+The graph takes `input_ids` and `attention_mask` (int64, [batch, sequence], left padded) and returns
+`score` [batch] = h_last · (W["1"] - W["0"]) (+ the bias difference when the head has one). The LM head is
+reduced to that one direction at export, so the full-vocabulary projection is never computed; position ids
+are derived from the mask inside the graph, so left padding gives the same numbers as no padding. Optional
+dynamic int8 quantization writes `model.int8.onnx` next to the fp32 graph. Both graphs are checked against
+torch on sample prompts built by engines.contract.PromptBuilder before the manifest is written.
+
+torch, transformers and onnx are imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.base import ModelPreparationError
+from engines.contract import CONTRACT_VERSION, PromptBuilder, estimated_max_for
+from engines.model_store import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    PREPARE_HINT,
+    WEIGHT_FILE_PATTERNS,
+    file_entry,
+    is_hf_dir,
+)
+
+FP32_GRAPH = "model.onnx"
+FP32_DATA = "model.onnx.data"
+INT8_GRAPH = "model.int8.onnx"
+INT8_DATA = "model.int8.onnx.data"
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+HUB_PATTERNS = [*COPIED_FILES, *WEIGHT_FILE_PATTERNS, "*.safetensors.index.json", "*.bin.index.json"]
+# Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
+DEFAULT_OPSET = 17
+SCORE_DIRECTION = "score_direction"
+# An fp32 graph further than this from torch is broken, not merely rounded differently.
+FP32_VERIFY_TOLERANCE = 1e-2
+
+_SAMPLE_QUERIES = (
+    "What is the capital of France?",
+    "how to reverse a list in python",
+    "東京タワーの高さは?",
+    "effects of caffeine on sleep",
+)
+_SAMPLE_DOCUMENTS = (
+    "Paris is the capital and most populous city of France.",
+    "def reverse(xs):\n    return xs[::-1]\n",
+    "東京タワーは高さ333メートルの電波塔です。",
+    "",
+    "Caffeine blocks adenosine receptors, which delays sleep onset and reduces deep sleep. " * 6,
+    "The Rhine flows through Switzerland, Germany and the Netherlands.\n\n",
+    "Emoji 🍕🔥 and a question?",
+    "A long passage about the history of search engines and ranking. " * 20,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportReport:
+    """What an export wrote and how closely its graphs follow torch."""
+
+    out_dir: Path
+    manifest: dict
+    fp32_max_abs_diff: float
+    int8_max_abs_diff: float | None
+    int8_spearman: float | None
+
+
+def _say(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_source(
+    source: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    say: Callable[[str], None] = _say,
+) -> tuple[Path, str | None]:
+    """A local HF folder for `source` (a folder, or a hub id downloaded with progress) and its revision."""
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir() or not is_hf_dir(local):
+            raise ModelPreparationError(
+                f"{local} is not a Hugging Face model folder (it needs config.json and *.safetensors weights)"
+            )
+        if not (local / "tokenizer.json").is_file():
+            raise ModelPreparationError(f"{local} has no tokenizer.json; the scoring contract needs it")
+        return local, revision
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelPreparationError(
+            f"{source!r} is neither an existing folder nor a hub id of the form owner/name"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    say(
+        f"downloading {source}"
+        + (f"@{revision}" if revision else "")
+        + (f" into {cache_dir}" if cache_dir else "")
+    )
+    try:
+        path = snapshot_download(
+            repo_id=source,
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            allow_patterns=HUB_PATTERNS,
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        first_line = next(iter(str(exc).splitlines()), "")
+        raise ModelPreparationError(
+            f"could not download {source!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f" from the Hugging Face hub ({type(exc).__name__}: {first_line}); "
+            "without hub access, copy the model folder to this machine and set RERANK_MODEL_PATH to it, or "
+            f"{PREPARE_HINT}"
+        ) from exc
+    path = Path(path)
+    # The snapshot folder is named after the commit it resolved to.
+    return path, path.name if path.parent.name == "snapshots" else revision
+
+
+def _score_module(model, yes_id: int, no_id: int):
+    """Wrap a Qwen2ForCausalLM so that its only output is the raw score at the last position."""
+    import torch
+
+    class ScoreHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model.model
+            weight = model.lm_head.weight.detach()
+            self.register_buffer(SCORE_DIRECTION, (weight[yes_id] - weight[no_id]).clone().contiguous())
+            bias = getattr(model.lm_head, "bias", None)
+            self.bias_diff = None if bias is None else float(bias[yes_id] - bias[no_id])
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            # Positions count real tokens only: a left-padded row gets the positions it has unpadded.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.body.embed_tokens(input_ids)
+            cos, sin = self.body.rotary_emb(hidden, position_ids)
+            seq = torch.arange(input_ids.shape[1], device=input_ids.device)
+            causal = (seq[None, :] <= seq[:, None])[None, None, :, :]
+            allowed = causal & attention_mask[:, None, None, :].bool()
+            mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~allowed, torch.finfo(hidden.dtype).min
+            )
+            for layer in self.body.layers:
+                out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+                hidden = out[0] if isinstance(out, tuple) else out
+            last = self.body.norm(hidden[:, -1, :])
+            score = last @ getattr(self, SCORE_DIRECTION)
+            if self.bias_diff is not None:
+                score = score + self.bias_diff
+            return score
+
+    return ScoreHead().eval()
+
+
+def _load_torch_model(hf_dir: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    if config.model_type != "qwen2":
+        raise ModelPreparationError(
+            f"{hf_dir} holds a {config.model_type!r} model; mxbai-rerank-v2 models are Qwen2 "
+            "(model_type qwen2)"
+        )
+    # Eager attention exports to plain ONNX ops; fp32 whatever the checkpoint's dtype.
+    return AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _torch_export(module, path: Path, opset: int, say: Callable[[str], None]) -> None:
+    import torch
+
+    ids = torch.full((2, 16), 100, dtype=torch.long)
+    ids[:, 4:] = torch.arange(200, 212)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # one left-padded row, so the traced graph is the padded path
+    kwargs = {
+        "input_names": ["input_ids", "attention_mask"],
+        "output_names": ["score"],
+        "opset_version": opset,
+    }
+    with torch.no_grad():
+        try:
+            torch.onnx.export(
+                module,
+                (ids, mask),
+                str(path),
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "score": {0: "batch"},
+                },
+                dynamo=False,
+                **kwargs,
+            )
+            return
+        except (RuntimeError, TypeError, ValueError) as exc:
+            say(f"TorchScript exporter failed ({type(exc).__name__}: {exc}); trying the dynamo exporter")
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+        torch.onnx.export(module, (ids, mask), str(path), dynamic_shapes=shapes, dynamo=True, **kwargs)
+
+
+def _save_graph(tmp_graph: Path, out_graph: Path, data_name: str) -> list[str]:
+    """Re-save an exported graph as one file, or with one external data file when it is too large."""
+    import onnx
+
+    model = onnx.load(str(tmp_graph), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES:
+        onnx.save_model(
+            model,
+            str(out_graph),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        return [out_graph.name, data_name]
+    onnx.save_model(model, str(out_graph))
+    return [out_graph.name]
+
+
+def _check_graph(graph: Path) -> None:
+    """The graph's one output must be `score`."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    outputs = [o.name for o in model.graph.output]
+    if outputs != ["score"]:
+        raise ModelPreparationError(f"exported graph has outputs {outputs}, expected ['score']")
+
+
+def _head_nodes(graph: Path) -> list[str]:
+    """Names of the nodes that read the score direction (kept in fp32 by quantization)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return [n.name for n in model.graph.node if any(SCORE_DIRECTION in i for i in n.input)]
+
+
+def _quantize(fp32_graph: Path, out_graph: Path, *, per_channel: bool) -> list[str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    large = sum(p.stat().st_size for p in fp32_graph.parent.glob(fp32_graph.name + "*")) / 4
+    quantize_dynamic(
+        str(fp32_graph),
+        str(out_graph),
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        # The two-logit head is one tiny dot product: int8 would only add error to every score.
+        nodes_to_exclude=_head_nodes(fp32_graph),
+        use_external_data_format=large > EXTERNAL_DATA_THRESHOLD_BYTES,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    names = [out_graph.name]
+    if (out_graph.parent / (out_graph.name + ".data")).is_file():
+        names.append(out_graph.name + ".data")
+    return names
+
+
+def sample_prompts(builder: PromptBuilder, n: int) -> list:
+    """`n` varied prompts (lengths, scripts, padding) for verification."""
+    pairs = [(q, d) for d in _SAMPLE_DOCUMENTS for q in _SAMPLE_QUERIES]
+    # Spread the picks over documents first, so a small n still covers short and long prompts.
+    picked = [pairs[(i * len(_SAMPLE_QUERIES) + i // len(_SAMPLE_DOCUMENTS)) % len(pairs)] for i in range(n)]
+    return builder.build_pairs(picked)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    """int64 input_ids and attention_mask arrays, left padded to the longest row."""
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _torch_scores(model, prompts, yes_id: int, no_id: int) -> list[float]:
+    """Ground truth: the full causal LM, one unpadded prompt at a time, logit[yes] - logit[no]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            logits = model(input_ids=torch.tensor([p.input_ids])).logits[0, -1]
+            out.append(float(logits[yes_id] - logits[no_id]))
+    return out
+
+
+def _onnx_scores(graph: Path, prompts, pad_id: int) -> list[float]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    ids, mask = left_pad([p.input_ids for p in prompts], pad_id)
+    (scores,) = session.run(["score"], {"input_ids": ids, "attention_mask": mask})
+    return [float(s) for s in scores]
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else 1.0
+
+
+def _pad_id(hf_dir: Path, builder: PromptBuilder) -> int:
+    cfg_path = hf_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        pad = json.loads(cfg_path.read_text(encoding="utf-8")).get("pad_token")
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str) and builder.tokenizer.token_to_id(pad) is not None:
+            return int(builder.tokenizer.token_to_id(pad))
+    return 0
+
+
+def export_model(
+    source: str,
+    out_dir: str | Path,
+    *,
+    revision: str | None = None,
+    quantize: str = "int8",
+    per_channel: bool = False,
+    verify_samples: int = 8,
+    cache_dir: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    say: Callable[[str], None] = _say,
+) -> ExportReport:
+    """Prepare a model folder from a hub id or an HF folder: ONNX graphs, tokenizer, config, manifest."""
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"--quantize must be none or int8, not {quantize!r}")
+    if verify_samples < 1:
+        raise ValueError("--verify-samples must be at least 1")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ModelPreparationError(f"{out_dir} exists and is not empty; choose a new --out folder")
+    started = time.monotonic()
+
+    def step(msg: str) -> None:
+        say(f"{time.monotonic() - started:7.1f}s  {msg}")
+
+    hf_dir, resolved_revision = fetch_source(source, revision=revision, cache_dir=cache_dir, say=step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in COPIED_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out_dir / name)
+    builder = PromptBuilder.from_dir(out_dir)
+    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    pad_id = _pad_id(hf_dir, builder)
+
+    step(f"loading {hf_dir} with torch (fp32)")
+    model = _load_torch_model(hf_dir)
+    graphs: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="export-", dir=out_dir) as tmp:
+        step(f"exporting the two-logit score graph (opset {opset})")
+        tmp_graph = Path(tmp) / FP32_GRAPH
+        _torch_export(_score_module(model, builder.yes_id, builder.no_id), tmp_graph, opset, step)
+        step("saving the fp32 graph")
+        graphs["fp32"] = _save_graph(tmp_graph, out_dir / FP32_GRAPH, FP32_DATA)
+    _check_graph(out_dir / FP32_GRAPH)
+    if quantize == "int8":
+        step(f"quantizing to dynamic int8 ({'per channel' if per_channel else 'per tensor'})")
+        graphs["int8"] = _quantize(out_dir / FP32_GRAPH, out_dir / INT8_GRAPH, per_channel=per_channel)
+
+    step(f"verifying against torch on {verify_samples} sample prompts")
+    prompts = sample_prompts(builder, verify_samples)
+    reference = _torch_scores(model, prompts, builder.yes_id, builder.no_id)
+    del model
+    fp32 = _onnx_scores(out_dir / FP32_GRAPH, prompts, pad_id)
+    fp32_diff = max(abs(a - b) for a, b in zip(fp32, reference, strict=True))
+    lengths = sorted(len(p) for p in prompts)
+    print(
+        f"verify fp32: max |onnx - torch| = {fp32_diff:.3g} over {len(prompts)} prompts "
+        f"({lengths[0]}-{lengths[-1]} tokens, left padded in one batch)",
+        flush=True,
+    )
+    if fp32_diff > FP32_VERIFY_TOLERANCE:
+        raise ModelPreparationError(
+            f"the exported fp32 graph differs from torch by {fp32_diff:.3g} (> {FP32_VERIFY_TOLERANCE}); "
+            "the export is broken, please report it"
+        )
+    int8_diff = int8_rho = None
+    if "int8" in graphs:
+        int8 = _onnx_scores(out_dir / INT8_GRAPH, prompts, pad_id)
+        int8_diff = max(abs(a - b) for a, b in zip(int8, fp32, strict=True))
+        int8_rho = spearman(int8, fp32) if len(prompts) > 1 else 1.0
+        int8_ref = max(abs(a - b) for a, b in zip(int8, reference, strict=True))
+        print(
+            f"verify int8: max |int8 - fp32| = {int8_diff:.3g}, max |int8 - torch| = {int8_ref:.3g}, "
+            f"Spearman(int8, fp32) = {int8_rho:.4f}",
+            flush=True,
+        )
+
+    step("hashing files and writing the manifest")
+    files = {
+        p.name: file_entry(p)
+        for p in sorted(out_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": str(source) if not Path(source).expanduser().exists() else str(hf_dir.resolve()),
+        "revision": resolved_revision,
+        "contract_version": CONTRACT_VERSION,
+        "quantization": "int8" if "int8" in graphs else "none",
+        "per_channel": bool(per_channel and "int8" in graphs),
+        "graphs": graphs,
+        "inputs": ["input_ids", "attention_mask"],
+        "output": "score",
+        "opset": opset,
+        "yes_id": builder.yes_id,
+        "no_id": builder.no_id,
+        "pad_id": pad_id,
+        "estimated_max": estimated_max_for(str(source)),
+        "max_position_embeddings": int(config["max_position_embeddings"]),
+        "verification": {
+            "samples": len(prompts),
+            "fp32_max_abs_diff": fp32_diff,
+            "int8_max_abs_diff_vs_fp32": int8_diff,
+            "int8_spearman_vs_fp32": int8_rho,
+        },
+        "files": {name: {"size_bytes": e.size_bytes, "sha256": e.sha256} for name, e in files.items()},
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    step(f"done: {out_dir}")
+    return ExportReport(out_dir, manifest, fp32_diff, int8_diff, int8_rho)

@@ -1,0 +1,256 @@
+"""Where a served model comes from: a prepared folder, a plain HF folder, or the hub (exported once, cached).
+
+A prepared folder is what `rerank-gateway export` writes: ONNX graphs, tokenizer, config and
+`rerank_manifest.json`. The manifest records every file's size and sha256 and the scoring contract the
+graphs were exported for; `verify_model_dir` checks them before an engine loads anything. This module needs
+no torch; exporting (torch, transformers) is imported only when an export actually has to run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engines.base import ModelPreparationError
+from engines.contract import CONTRACT_VERSION
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "rerank_manifest.json"
+MANIFEST_FORMAT = 1
+# Files every prepared folder carries besides the graphs: the contract needs both at serving time.
+REQUIRED_SIDE_FILES = ("config.json", "tokenizer.json")
+QUANTIZATIONS = ("fp32", "int8")
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+PREPARE_HINT = (
+    "prepare it once with `rerank-gateway export <hub id or HF folder> --out DIR --quantize int8` "
+    "(needs the export extra: pip install 'rerank-gateway[export]') and point RERANK_MODEL_PATH at DIR"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a prepared folder, as recorded at export."""
+
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What `rerank-gateway export` recorded about a prepared folder."""
+
+    source: str
+    revision: str | None
+    contract_version: str
+    # quantization name ("fp32", "int8") -> the graph file, then its external-data files.
+    graphs: dict[str, tuple[str, ...]]
+    files: dict[str, FileEntry]
+    yes_id: int
+    no_id: int
+    pad_id: int
+    estimated_max: float
+    max_position_embeddings: int
+    per_channel: bool
+    raw: dict
+
+    def graph_file(self, quantization: str) -> str:
+        """The .onnx file of one quantization (external data files sit next to it)."""
+        if quantization not in self.graphs:
+            have = ", ".join(sorted(self.graphs)) or "none"
+            raise ModelPreparationError(
+                f"this prepared model has no {quantization} graph (it has: {have}); re-export with "
+                f"`rerank-gateway export {self.source} --quantize "
+                f"{'int8' if quantization == 'int8' else 'none'}` or set RERANK_QUANTIZATION to one it has"
+            )
+        return self.graphs[quantization][0]
+
+
+def sha256_file(path: Path, chunk_bytes: int = 8 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, read in chunks (graphs are up to a few GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(size_bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def load_manifest(model_dir: str | Path) -> Manifest:
+    """Read and validate `rerank_manifest.json`; a missing or malformed one is a ModelPreparationError."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not model_dir.is_dir():
+        raise ModelPreparationError(f"model folder {model_dir} does not exist; {PREPARE_HINT}")
+    if not path.is_file():
+        raise ModelPreparationError(
+            f"{model_dir} is not a prepared model folder (no {MANIFEST_NAME}); {PREPARE_HINT}"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        files = {
+            name: FileEntry(size_bytes=int(e["size_bytes"]), sha256=str(e["sha256"]))
+            for name, e in raw["files"].items()
+        }
+        return Manifest(
+            source=str(raw["source"]),
+            revision=raw.get("revision"),
+            contract_version=str(raw["contract_version"]),
+            graphs={q: tuple(names) for q, names in raw["graphs"].items()},
+            files=files,
+            yes_id=int(raw["yes_id"]),
+            no_id=int(raw["no_id"]),
+            pad_id=int(raw.get("pad_id", 0)),
+            estimated_max=float(raw["estimated_max"]),
+            max_position_embeddings=int(raw["max_position_embeddings"]),
+            per_channel=bool(raw.get("per_channel", False)),
+            raw=raw,
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelPreparationError(
+            f"{path} is malformed ({type(exc).__name__}: {exc}); re-export the model: {PREPARE_HINT}"
+        ) from exc
+
+
+def verify_model_dir(
+    model_dir: str | Path, quantization: str = "int8", verify_hashes: bool = True
+) -> Manifest:
+    """Check a prepared folder before loading it: contract version, files present, sizes, hashes."""
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    if manifest.contract_version != CONTRACT_VERSION:
+        raise ModelPreparationError(
+            f"{model_dir} was exported for scoring contract {manifest.contract_version!r}, but this gateway "
+            f"implements {CONTRACT_VERSION!r}; re-export it with this version's `rerank-gateway export`"
+        )
+    if quantization not in QUANTIZATIONS:
+        raise ModelPreparationError(f"unknown quantization {quantization!r}: choose fp32 or int8")
+    needed = [*manifest.graphs.get(quantization, ()), *REQUIRED_SIDE_FILES]
+    manifest.graph_file(quantization)  # raises a clear error when that graph was not exported
+    for name in needed:
+        entry = manifest.files.get(name)
+        path = model_dir / name
+        if entry is None:
+            raise ModelPreparationError(
+                f"{model_dir}/{MANIFEST_NAME} does not list {name}; re-export the model"
+            )
+        if not path.is_file():
+            raise ModelPreparationError(
+                f"{path} is missing from the prepared model folder; re-export the model"
+            )
+        size = path.stat().st_size
+        if size != entry.size_bytes:
+            raise ModelPreparationError(
+                f"{path} is {size} bytes but the manifest says {entry.size_bytes}: the file is truncated or "
+                "was replaced; copy it again or re-export the model"
+            )
+        if verify_hashes and sha256_file(path) != entry.sha256:
+            raise ModelPreparationError(
+                f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is corrupt or was replaced; "
+                "copy it again or re-export the model (RERANK_VERIFY_HASHES=false skips this check)"
+            )
+    return manifest
+
+
+def is_prepared_dir(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model folder: config.json and weights."""
+    if not (path / "config.json").is_file():
+        return False
+    return any(any(path.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS)
+
+
+def export_available() -> bool:
+    """True when the export extra (torch, transformers, onnx) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "onnx"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-") or "model"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so that several workers starting at once export a model only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _export_into_cache(source: str, target: Path, *, revision: str | None, hub_cache: Path | None) -> Path:
+    """Export `source` into `target` atomically (a half-written folder is never served)."""
+    if not export_available():
+        raise ModelPreparationError(
+            f"no prepared copy of {source} at {target}, and this installation cannot export one (torch, "
+            f"transformers and onnx are not installed); {PREPARE_HINT}"
+        )
+    from engines.export import export_model
+
+    with _locked(target):
+        if is_prepared_dir(target):
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("exporting %s into %s (first start only; this takes a few minutes)", source, target)
+        export_model(source, tmp, revision=revision, quantize="int8", cache_dir=hub_cache)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def resolve_model(settings: Settings) -> Path:
+    """The prepared model folder to serve, exporting it into the cache first when needed and allowed."""
+    if settings.model_path is not None:
+        path = Path(settings.model_path).expanduser()
+        if not path.is_dir():
+            raise ModelPreparationError(f"RERANK_MODEL_PATH={path} is not a folder; {PREPARE_HINT}")
+        if is_prepared_dir(path):
+            return path
+        if is_hf_dir(path):
+            resolved = path.resolve()
+            key = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
+            target = Path(settings.cache_dir) / "prepared" / f"local--{_slug(resolved.name)}-{key}"
+            if is_prepared_dir(target):
+                return target
+            return _export_into_cache(str(resolved), target, revision=None, hub_cache=None)
+        raise ModelPreparationError(
+            f"RERANK_MODEL_PATH={path} is neither a prepared model folder ({MANIFEST_NAME}) nor a "
+            f"Hugging Face model folder (config.json and weights); {PREPARE_HINT}"
+        )
+
+    revision = settings.model_revision
+    target = Path(settings.cache_dir) / "prepared" / f"{_slug(settings.model)}@{_slug(revision or 'default')}"
+    if is_prepared_dir(target):
+        return target
+    if not settings.auto_export:
+        raise ModelPreparationError(
+            f"no prepared copy of {settings.model} in {target.parent} and RERANK_AUTO_EXPORT is off; "
+            f"{PREPARE_HINT}"
+        )
+    return _export_into_cache(
+        settings.model, target, revision=revision, hub_cache=Path(settings.cache_dir) / "hub"
+    )

@@ -1,0 +1,220 @@
+"""The in-process ONNX Runtime engine (CPU, int8 or fp32), the gateway's no-torch scorer.
+
+Prompts are sorted by length and cut into sub-batches under a padded-token budget, left padded (the graph
+derives positions from the mask, so padding does not change a score), run on one executor thread, and the
+scores are put back in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
+from engines.contract import Prompt
+from engines.model_store import Manifest, verify_model_dir
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "onnx"
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_PAIRS = 64
+# onnxruntime raises its own exception classes (not RuntimeError subclasses) from inference.
+try:
+    from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+    _ORT_ERRORS = tuple(
+        getattr(_ort_state, name)
+        for name in (
+            "Fail",
+            "InvalidArgument",
+            "InvalidGraph",
+            "InvalidProtobuf",
+            "NoSuchFile",
+            "NoModel",
+            "ModelLoaded",
+            "NotImplemented",
+            "RuntimeException",
+            "EPFail",
+        )
+        if hasattr(_ort_state, name)
+    )
+    ORT_ERRORS: tuple[type[BaseException], ...] = (*_ORT_ERRORS, RuntimeError, ValueError, MemoryError)
+except ImportError:  # pragma: no cover - layout of older onnxruntime wheels
+    ORT_ERRORS = (RuntimeError, ValueError, MemoryError)
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_pairs: int) -> list[list[int]]:
+    """Indices grouped into sub-batches: longest first, each within the padded-token and pair budgets.
+
+    A prompt longer than the whole budget runs alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted longest first: the first row of a batch sets its padded width.
+        width = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_pairs):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class OnnxEngine:
+    """Scores prompts with an exported two-logit ONNX graph on onnxruntime's CPU provider."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        quantization: str = "int8",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
+        verify_hashes: bool = True,
+        warmup: bool = True,
+    ) -> None:
+        if max_batch_tokens < 1 or max_batch_pairs < 1:
+            raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
+        self.model_dir = Path(model_dir)
+        self.quantization = quantization
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self.verify_hashes = verify_hashes
+        self.warmup = warmup
+        self._info = EngineInfo(
+            name=ENGINE_NAME, padded=True, max_batch_tokens=max_batch_tokens, max_batch_pairs=max_batch_pairs
+        )
+        self._session: ort.InferenceSession | None = None
+        self._manifest: Manifest | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._start_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, model_dir: str | Path, settings: Settings) -> OnnxEngine:
+        return cls(
+            model_dir,
+            quantization=settings.quantization,
+            intra_op_threads=settings.onnx_intra_op_threads,
+            inter_op_threads=settings.onnx_inter_op_threads,
+            max_batch_tokens=settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS,
+            max_batch_pairs=settings.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
+            verify_hashes=settings.verify_hashes,
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self._manifest
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-engine")
+        return self._executor
+
+    def _load(self) -> None:
+        with self._start_lock:
+            if self._session is not None:
+                return
+            manifest = verify_model_dir(self.model_dir, self.quantization, self.verify_hashes)
+            graph = self.model_dir / manifest.graph_file(self.quantization)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self.intra_op_threads
+            options.inter_op_num_threads = self.inter_op_threads
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            try:
+                session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+            except ORT_ERRORS as exc:
+                raise ModelPreparationError(f"onnxruntime cannot load {graph}: {exc}") from exc
+            names = [o.name for o in session.get_outputs()]
+            if names != ["score"]:
+                raise ModelPreparationError(
+                    f"{graph} outputs {names}, expected ['score']; re-export the model"
+                )
+            self._manifest = manifest
+            self._session = session
+            if self.warmup:
+                self._run([[manifest.pad_id] * 8])
+            log.info("onnx engine ready: %s (%s)", graph, self.quantization)
+
+    async def start(self) -> None:
+        """Verify the model folder, load the graph and warm it up (idempotent)."""
+        if self._session is not None:
+            return
+        await asyncio.get_running_loop().run_in_executor(self._pool(), self._load)
+
+    async def health(self) -> bool:
+        return self._session is not None
+
+    def _run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        session, manifest = self._session, self._manifest
+        if session is None or manifest is None:
+            raise EngineUnavailable("the onnx engine is not started (or was closed)")
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), manifest.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
+        try:
+            (scores,) = session.run(["score"], {"input_ids": ids, "attention_mask": mask})
+        except ORT_ERRORS as exc:
+            raise EngineFailure(
+                f"onnxruntime failed on a batch of {len(rows)}x{width} tokens: {exc}"
+            ) from exc
+        if scores.shape != (len(rows),):
+            raise EngineFailure(f"the graph returned shape {scores.shape} for {len(rows)} prompts")
+        return scores
+
+    def score_sync(self, prompts: Sequence[Prompt]) -> list[float]:
+        """Raw scores in input order (blocking; `score` runs this on the engine's thread)."""
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise EngineFailure("a prompt has no tokens")
+        out = [math.nan] * len(prompts)
+        lengths = [len(p) for p in prompts]
+        for batch in plan_batches(lengths, self._info.max_batch_tokens, self._info.max_batch_pairs):
+            scores = self._run([prompts[i].input_ids for i in batch])
+            for i, s in zip(batch, scores.tolist(), strict=True):
+                out[i] = s
+        if not all(math.isfinite(s) for s in out):
+            raise EngineFailure("the graph returned a non-finite score")
+        return out
+
+    async def score(self, prompts: Sequence[Prompt]) -> Scored:
+        if not prompts:
+            return Scored([], ENGINE_NAME)
+        if self._session is None:
+            raise EngineUnavailable("the onnx engine is not started (or was closed)")
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._pool(), self.score_sync, list(prompts))
+        return Scored(scores, ENGINE_NAME)
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        self._session = None
+        if executor is not None:
+            # Let an in-flight batch finish on its thread without blocking the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
