@@ -6,7 +6,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -16,9 +32,14 @@ REQUESTS = Counter(
     ["dialect", "route", "status"],
     registry=REGISTRY,
 )
+REQUESTS_IN_FLIGHT = Gauge(
+    "rerank_requests_in_flight",
+    "HTTP requests being handled now (all routes).",
+    registry=REGISTRY,
+)
 REQUEST_LATENCY = Histogram(
     "rerank_request_duration_seconds",
-    "End-to-end latency of rerank requests.",
+    "End-to-end latency of HTTP requests by dialect (`other` for non-rerank routes), until the last byte.",
     ["dialect"],
     buckets=_LATENCY_BUCKETS_S,
     registry=REGISTRY,

@@ -123,3 +123,67 @@ def require_real_component(what: str, reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} is required in CI but cannot start: {reason}")
     pytest.skip(f"{what} unavailable: {reason}")
+
+
+@contextmanager
+def gateway_server(
+    port: int,
+    model_dir: Path,
+    work_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120.0,
+) -> Iterator[str]:
+    """Run the real `rerank-gateway serve` on 127.0.0.1:`port` for `model_dir`; yield its URL, then stop."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / f"gateway-{port}.log"
+    # Only the settings given here: no RERANK_* from the caller's shell, no .env (cwd is work_dir).
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    child_env.update(
+        {
+            "RERANK_MODEL_PATH": str(model_dir),
+            "RERANK_CACHE_DIR": str(work_dir / "cache"),
+            "RERANK_ONNX_INTRA_OP_THREADS": "1",
+            **(env or {}),
+        }
+    )
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=child_env,
+            cwd=work_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the gateway exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+                )
+            try:
+                if httpx.get(f"{url}/ready", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the gateway was not ready in {ready_timeout_s:.0f} s:\n{log_path.read_text()[-4000:]}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

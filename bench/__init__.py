@@ -1,0 +1,1 @@
+"""Benchmark tools: BEIR rerank workloads, an async load client and its plots (`rerank-gateway bench`)."""
