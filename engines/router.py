@@ -1,0 +1,357 @@
+"""Primary engine with a fallback: a background health probe and a circuit breaker decide where batches go.
+
+- closed: batches go to the primary; `failure_threshold` consecutive failures or timeouts (batches or
+  probes) open the circuit.
+- open: batches go to the fallback; after `reset_ms` the next probe or batch is a half-open trial.
+- half-open: one trial tests the primary (other batches keep using the fallback); success closes the
+  circuit, failure opens it again for another `reset_ms`.
+A batch that fails or times out on the primary is retried once on the fallback, so callers see no error;
+`Scored.engine` says which engine answered.
+
+Budgets: the router reports the primary's EngineInfo (the coalescer sends vLLM large slices, several at
+once) and re-slices a batch to the fallback's own budget, with the fallback's concurrency, when it falls
+back, so a large vLLM slice never becomes one huge padded ONNX batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from engines.base import (
+    Engine,
+    EngineError,
+    EngineFailure,
+    EngineInfo,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    Scored,
+)
+from engines.contract import Prompt
+from gateway.metrics import CIRCUIT_STATE, ENGINE_ERRORS, ENGINE_HEALTHY, FALLBACKS
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class CircuitState(enum.Enum):
+    """Values are the `rerank_circuit_state` gauge's."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+def _error_kind(exc: EngineError) -> str:
+    if isinstance(exc, EngineTimeout):
+        return "timeout"
+    if isinstance(exc, EngineUnavailable):
+        return "unavailable"
+    if isinstance(exc, EngineRejected):
+        return "rejected"
+    return "failure"
+
+
+class CircuitBreaker:
+    """Consecutive-failure circuit breaker with a single half-open trial."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitState], None] | None = None,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        self.failure_threshold = failure_threshold
+        self.reset_s = reset_ms / 1000
+        self._clock = clock
+        self._on_change = on_change
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_out = False
+
+    @property
+    def state(self) -> CircuitState:
+        return self._state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def _set(self, state: CircuitState) -> None:
+        if state is not self._state:
+            log.info("circuit %s -> %s", self._state.name.lower(), state.name.lower())
+            self._state = state
+            if self._on_change is not None:
+                self._on_change(state)
+
+    def try_acquire(self) -> bool:
+        """May a call go to the primary now? In open state past reset_ms, this grants the one trial."""
+        if self._state is CircuitState.CLOSED:
+            return True
+        if self._trial_out:
+            return False
+        if self._state is CircuitState.OPEN and self._clock() - self._opened_at < self.reset_s:
+            return False
+        self._set(CircuitState.HALF_OPEN)
+        self._trial_out = True
+        return True
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._trial_out = False
+        self._set(CircuitState.CLOSED)
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        self._trial_out = False
+        if self._state is not CircuitState.CLOSED or self._failures >= self.failure_threshold:
+            self.trip()
+
+    def trip(self) -> None:
+        """Open now (also restarts the reset timer)."""
+        self._opened_at = self._clock()
+        self._trial_out = False
+        self._set(CircuitState.OPEN)
+
+    def release(self) -> None:
+        """End a granted call that proved nothing either way (cancelled, or the batch was refused)."""
+        if self._state is CircuitState.HALF_OPEN and self._trial_out:
+            self._trial_out = False
+
+
+class RoutedEngine:
+    """An Engine that sends batches to `primary` while its circuit allows, else to `fallback`."""
+
+    def __init__(
+        self,
+        primary: Engine,
+        fallback: Engine,
+        *,
+        failure_threshold: int = 3,
+        reset_ms: int = 5_000,
+        probe_interval_ms: int = 2_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.probe_interval_s = probe_interval_ms / 1000
+        self._primary_name = primary.info.name
+        self._fallback_name = fallback.info.name
+        self.breaker = CircuitBreaker(
+            failure_threshold=failure_threshold,
+            reset_ms=reset_ms,
+            clock=clock,
+            on_change=lambda s: CIRCUIT_STATE.labels(self._primary_name).set(s.value),
+        )
+        CIRCUIT_STATE.labels(self._primary_name).set(CircuitState.CLOSED.value)
+        self._fallback_slots = asyncio.Semaphore(max(1, fallback.info.max_concurrent_batches))
+        self._probe_task: asyncio.Task[None] | None = None
+        self._primary_healthy: bool | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._started = False
+
+    @classmethod
+    def from_settings(cls, primary: Engine, fallback: Engine, settings: Settings) -> RoutedEngine:
+        return cls(
+            primary,
+            fallback,
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_ms=settings.breaker_reset_ms,
+            probe_interval_ms=settings.health_probe_interval_ms,
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.primary.info
+
+    @property
+    def circuit_state(self) -> CircuitState:
+        return self.breaker.state
+
+    def __repr__(self) -> str:
+        return f"RoutedEngine({self.primary!r} -> {self.fallback!r})"
+
+    async def start(self) -> None:
+        """Start the fallback (must work), then the primary (may be down), then the probe."""
+        if self._started:
+            return
+        await self.fallback.start()
+        try:
+            await self.primary.start()
+        except EngineError as exc:
+            self._note_error(exc)
+        # A primary that is down at start-up (a sidecar still loading) takes no batches until it is up.
+        if not await self._check_primary():
+            self.breaker.trip()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="rerank-health-probe")
+        self._started = True
+
+    async def close(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._started = False
+        try:
+            await self.primary.close()
+        finally:
+            await self.fallback.close()
+
+    async def health(self) -> bool:
+        """True when some engine can score now: the fallback, or the primary behind a closed circuit."""
+        if self.breaker.state is CircuitState.CLOSED and self._primary_healthy:
+            return True
+        return await self.fallback.health()
+
+    async def status(self) -> dict[str, Any]:
+        """Both engines' health, the circuit state and the last primary error, for /ready."""
+        primary_ok, fallback_ok = await asyncio.gather(self.primary.health(), self.fallback.health())
+        ENGINE_HEALTHY.labels(self._primary_name).set(int(primary_ok))
+        ENGINE_HEALTHY.labels(self._fallback_name).set(int(fallback_ok))
+        return {
+            "primary": {"engine": self._primary_name, "healthy": primary_ok},
+            "fallback": {"engine": self._fallback_name, "healthy": fallback_ok},
+            "circuit": self.breaker.state.name.lower(),
+            "consecutive_failures": self.breaker.consecutive_failures,
+            "last_error": self._last_error,
+            "last_error_age_s": (
+                None if self._last_error_at is None else round(time.monotonic() - self._last_error_at, 3)
+            ),
+        }
+
+    async def score(self, prompts: Sequence[Prompt]) -> Scored:
+        if not prompts:
+            return Scored([], self._primary_name)
+        if not self.breaker.try_acquire():
+            return await self._fall_back(prompts, "circuit_open")
+        try:
+            result = await self.primary.score(prompts)
+        except EngineRejected as exc:
+            # The sidecar is fine; this batch is not servable there (e.g. longer than its max_model_len).
+            self.breaker.release()
+            self._note_error(exc)
+            return await self._fall_back(prompts, "rejected")
+        except EngineError as exc:
+            self.breaker.record_failure()
+            self._note_error(exc)
+            return await self._fall_back(prompts, _error_kind(exc))
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.record_success()
+        return Scored(result.scores, result.engine)
+
+    def _note_error(self, exc: EngineError) -> None:
+        kind = _error_kind(exc)
+        ENGINE_ERRORS.labels(self._primary_name, kind).inc()
+        self._last_error = f"{kind}: {exc}"
+        self._last_error_at = time.monotonic()
+        log.warning(
+            "%s engine %s, falling back to %s: %s", self._primary_name, kind, self._fallback_name, exc
+        )
+
+    async def _fall_back(self, prompts: Sequence[Prompt], reason: str) -> Scored:
+        FALLBACKS.labels(reason).inc()
+        slices = _slices(prompts, self.fallback.info)
+        try:
+            if len(slices) == 1:
+                return await self._fallback_slice(prompts)
+            tasks = [asyncio.ensure_future(self._fallback_slice([prompts[i] for i in idx])) for idx in slices]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+        except EngineError as exc:
+            ENGINE_ERRORS.labels(self._fallback_name, _error_kind(exc)).inc()
+            raise
+        scores = [0.0] * len(prompts)
+        for idx, res in zip(slices, results, strict=True):
+            for i, s in zip(idx, res.scores, strict=True):
+                scores[i] = s
+        return Scored(scores, results[0].engine)
+
+    async def _fallback_slice(self, prompts: Sequence[Prompt]) -> Scored:
+        async with self._fallback_slots:
+            res = await self.fallback.score(prompts)
+        if len(res.scores) != len(prompts):
+            raise EngineFailure(f"{self._fallback_name} returned {len(res.scores)} scores for {len(prompts)}")
+        return res
+
+    async def _check_primary(self) -> bool:
+        try:
+            ok = bool(await self.primary.health())
+        except EngineError as exc:
+            self._note_error(exc)
+            ok = False
+        self._primary_healthy = ok
+        ENGINE_HEALTHY.labels(self._primary_name).set(int(ok))
+        return ok
+
+    async def probe_once(self) -> None:
+        """One health probe: it counts as a failure when unhealthy, and serves as the half-open trial."""
+        state = self.breaker.state
+        trial = state is not CircuitState.CLOSED and self.breaker.try_acquire()
+        try:
+            ok = await self._check_primary()
+        except BaseException:
+            if trial:
+                self.breaker.release()
+            raise
+        if trial:
+            if ok:
+                self.breaker.record_success()
+            else:
+                self.breaker.record_failure()
+        elif state is CircuitState.CLOSED and not ok:
+            # A success here proves /health, not scoring: it does not reset the batch failure count.
+            self.breaker.record_failure()
+            self._last_error = "unavailable: health probe failed"
+            self._last_error_at = time.monotonic()
+        ENGINE_HEALTHY.labels(self._fallback_name).set(int(await self.fallback.health()))
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                await self.probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the probe must outlive any one bad check (it is logged)
+                log.exception("health probe of %s failed unexpectedly", self._primary_name)
+
+
+def _slices(prompts: Sequence[Prompt], info: EngineInfo) -> list[list[int]]:
+    """Index lists, length-sorted, that fit `info`'s budget (padded cost = longest × rows when padded)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    cur_tokens = 0
+    for i in order:
+        n = len(prompts[i])
+        rows = len(cur) + 1
+        # Sorted ascending, so the new prompt is the longest of the slice.
+        cost = n * rows if info.padded else cur_tokens + n
+        if cur and (rows > info.max_batch_pairs or cost > info.max_batch_tokens):
+            out.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(i)
+        cur_tokens += n
+    if cur:
+        out.append(cur)
+    return out

