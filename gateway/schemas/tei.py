@@ -1,0 +1,84 @@
+"""The Hugging Face text-embeddings-inference dialect: `{"query", "texts"}` on `/rerank`.
+
+Shapes follow TEI's router (`RerankRequest`: query, texts, truncate, truncation_direction, raw_scores,
+return_text; response: a bare list of `Rank{index, score, text?}`). TEI applies a sigmoid unless
+`raw_scores`; here the non-raw score is the mxbai normalized score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+
+from gateway.schemas.common import ParsedDocuments, parse_documents
+from gateway.service import RerankOutcome, RerankQuery
+
+
+class TeiRequest(BaseModel):
+    """TEI rerank request (plus the mxbai extras `instruction`, `model`, `top_n`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str = Field(description="The search query.")
+    texts: list[str] = Field(description="The texts to rank.", json_schema_extra={"minItems": 1})
+    raw_scores: bool = Field(False, description="Return the raw score instead of the normalized 0..1 one.")
+    return_text: bool = Field(False, description="Echo each text in the result.")
+    truncate: bool | None = Field(
+        False,
+        description=(
+            "Texts are always cut to fit the model (from the end, as the official mxbai wrapper does). "
+            "With `truncate: true`, they are cut from the side `truncation_direction` names instead."
+        ),
+    )
+    truncation_direction: Literal["left", "right", "Left", "Right"] = Field(
+        "right", description="Which end of a text `truncate: true` removes: right keeps the beginning."
+    )
+    model: str | None = Field(None, description="Optional; when given, the served name or an alias.")
+    top_n: int | None = Field(None, ge=1, description="mxbai extra: keep only the best `top_n` texts.")
+    instruction: str | None = Field(None, description="mxbai extra: instruction put before the query.")
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _direction_any_case(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) and v.lower() in ("left", "right") else v
+
+
+class TeiRank(BaseModel):
+    """One ranked text."""
+
+    index: int = Field(description="Position of the text in the request's `texts`.")
+    text: str | None = Field(None, description="The text, with `return_text`.")
+    score: float = Field(description="Normalized score in 0..1, or the raw score with `raw_scores`.")
+
+
+class TeiResponse(RootModel[list[TeiRank]]):
+    """TEI rerank response: ranked texts, best first."""
+
+
+def to_query(req: TeiRequest) -> tuple[RerankQuery, ParsedDocuments]:
+    """The dialect-free query (texts are `documents` here), and the texts to echo."""
+    docs = parse_documents(req.texts, None, param="texts")
+    return (
+        RerankQuery(
+            query=req.query,
+            documents=docs.texts,
+            instruction=req.instruction,
+            top_n=req.top_n,
+            fit_side=req.truncation_direction if req.truncate else None,  # type: ignore[arg-type]
+            raw_scores=req.raw_scores,
+            documents_param="texts",
+        ),
+        docs,
+    )
+
+
+def render(req: TeiRequest, outcome: RerankOutcome, docs: ParsedDocuments) -> list[dict[str, Any]]:
+    """The TEI response body: a bare list of ranks."""
+    ranks = [
+        TeiRank(index=r.index, text=docs.texts[r.index], score=r.score)
+        if req.return_text
+        else TeiRank(index=r.index, score=r.score)
+        for r in outcome.ranked
+    ]
+    return TeiResponse(ranks).model_dump(mode="json", exclude_unset=True)
