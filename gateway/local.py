@@ -314,6 +314,11 @@ class LocalRanker:
         from engines.model_store import resolve_model
 
         check_model_location(settings)
+        if engine_name == "onnx" and settings.device not in ("auto", "cpu"):
+            info(
+                quiet,
+                f"note: the onnx engine runs on the CPU; --device {settings.device} is for reference",
+            )
         started = time.perf_counter()
         model_dir = resolve_model(settings)
         builder = PromptBuilder.from_dir(model_dir, max_length=settings.max_length)

@@ -67,27 +67,33 @@ def doc_texts(path: Path) -> list[str]:
     return [d["text"] if isinstance(d, dict) else d for d in items]
 
 
-def engine_scores(
-    model_dir: Path, query: str, documents: list[str], instruction: str | None = None, **settings
-):
-    """Raw scores from the ONNX engine called directly, with the same settings the CLI resolves."""
-    from engines.onnx_engine import OnnxEngine
-
+def engine_scores_many(
+    model_dir: Path, requests: list[tuple[str, list[str], str | None]]
+) -> list[list[float]]:
+    """Raw scores from one ONNX engine called directly, per (query, documents, instruction) request."""
     from engines.contract import PromptBuilder
+    from engines.onnx_engine import OnnxEngine
     from gateway.config import Settings
 
-    s = Settings(_env_file=None, model_path=model_dir, **settings)
+    settings = Settings(_env_file=None, model_path=model_dir)
+    builder = PromptBuilder.from_dir(model_dir)
 
-    async def go() -> list[float]:
-        engine = OnnxEngine.from_settings(model_dir, s)
+    async def go() -> list[list[float]]:
+        engine = OnnxEngine.from_settings(model_dir, settings)
         await engine.start()
         try:
-            prompts = PromptBuilder.from_dir(model_dir).build(query, documents, instruction)
-            return list((await engine.score(prompts)).scores)
+            return [
+                list((await engine.score(builder.build(q, docs, instruction))).scores)
+                for q, docs, instruction in requests
+            ]
         finally:
             await engine.close()
 
     return asyncio.run(go())
+
+
+def engine_scores(model_dir: Path, query: str, documents: list[str], instruction: str | None = None):
+    return engine_scores_many(model_dir, [(query, documents, instruction)])[0]
 
 
 def assert_ranked(results: list[dict], documents: list[str]) -> None:
@@ -281,13 +287,18 @@ def test_batch_ranks_every_sample_case(capsys, tiny_model_dir, tmp_path):
     data = json.loads(out_file.read_text())
     assert data["engine"] == "onnx"
     assert len(data["results"]) == len(cases)
-    for case, results in zip(cases, data["results"], strict=True):
-        documents = [d["text"] if isinstance(d, dict) else d for d in case["documents"]]
+    requests = [
+        (c["query"], [d["text"] if isinstance(d, dict) else d for d in c["documents"]], c.get("instruction"))
+        for c in cases
+    ]
+    expected = engine_scores_many(tiny_model_dir, requests)
+    for case, (_, documents, _), results, scores in zip(
+        cases, requests, data["results"], expected, strict=True
+    ):
         assert len(results) == min(case.get("top_k", len(documents)), len(documents))
         assert_ranked(results, documents)
-        expected = engine_scores(tiny_model_dir, case["query"], documents, case.get("instruction"))
         for r in results:
-            assert r["score"] == pytest.approx(expected[r["index"]], abs=1e-5)
+            assert r["score"] == pytest.approx(scores[r["index"]], abs=1e-5)
 
 
 def test_batch_prints_to_stdout_and_applies_default_top_k(capsys, tiny_model_dir, tmp_path):
