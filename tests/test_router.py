@@ -1,0 +1,576 @@
+"""Routing with fallback: a VllmEngine primary that is down, hung or failing, the real ONNX engine behind it.
+
+The primaries are real network peers on 127.0.0.1, not mocks: a closed port (down), a TCP server that
+accepts and never answers (hung), and small stdlib HTTP servers answering HTTP 500, 400 or a bad body.
+`StandInSidecar` answers vLLM's /health and /classify shapes with scores from the real ONNX engine; it is a
+stand-in used ONLY to show the breaker closing when a primary recovers. The real vLLM server is tested in
+tests/test_vllm_tier.py (marker `vllm`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from engines.base import (
+    EngineFailure,
+    EngineInfo,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    Scored,
+)
+from engines.contract import Prompt, PromptBuilder
+from engines.onnx_engine import OnnxEngine
+from engines.router import CircuitBreaker, CircuitState, RoutedEngine
+from engines.vllm_engine import VllmEngine
+from gateway import metrics
+
+PORTS = range(18000, 18050)
+TOLERANCE = 1e-5
+# Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
+HANG_BOUND_S = 10.0
+
+
+def free_port() -> int:
+    """A port of this module's range that nothing listens on."""
+    for port in PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+def sample(metric, **labels) -> float:
+    name = metric._name  # the exported sample name of a Counter gets a _total suffix
+    suffix = "_total" if metric._type == "counter" else ""
+    return metrics.REGISTRY.get_sample_value(name + suffix, labels) or 0.0
+
+
+# --- real peers ------------------------------------------------------------------------------------
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers (a hung sidecar)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._sock = socket.create_server(("127.0.0.1", port))
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._conns.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for c in self._conns:
+            c.close()
+        self._sock.close()
+
+
+class HttpPeer:
+    """A stdlib HTTP server on 127.0.0.1 whose /health and /classify answers the test chooses."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.health_status = 200
+        # (status, body) for POST /classify; a callable gets the decoded request and returns one.
+        self.classify = (500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
+        self.classify_calls = 0
+        self.hold_classify = threading.Event()  # set: answer at once; clear: hang until set
+        self.hold_classify.set()
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, status: int, body) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                # A client that gave up (a timeout under test) has closed its end.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self._send(peer.health_status, b"")
+                else:
+                    self._send(404, {"detail": "Not Found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/classify":
+                    self._send(404, {"detail": "Not Found"})
+                    return
+                peer.classify_calls += 1
+                peer.hold_classify.wait(timeout=30)
+                answer = peer.classify(body) if callable(peer.classify) else peer.classify
+                self._send(*answer)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.hold_classify.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class StandInSidecar(HttpPeer):
+    """Answers vLLM's /classify shape with raw scores from the real ONNX engine (a recovered primary).
+
+    Used only to test the breaker closing; it is not vLLM (the vllm tier runs the real server).
+    """
+
+    def __init__(self, port: int, onnx: OnnxEngine) -> None:
+        super().__init__(port)
+
+        def classify(body: dict) -> tuple[int, dict]:
+            if body.get("use_activation") is not False:
+                return 400, {"error": {"message": "stand-in serves raw scores only", "code": 400}}
+            prompts = [Prompt("", "", None, tuple(ids)) for ids in body["input"]]
+            scores = onnx.score_sync(prompts)
+            data = [{"index": i, "label": None, "probs": [s], "num_classes": 1} for i, s in enumerate(scores)]
+            return 200, {"object": "list", "model": body.get("model"), "data": data}
+
+        self.classify = classify
+
+
+@contextlib.contextmanager
+def http_peer(cls=HttpPeer, *args) -> Iterator[HttpPeer]:
+    peer = cls(free_port(), *args)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+# --- engines ---------------------------------------------------------------------------------------
+
+
+class SharedEngine:
+    """The module's real ONNX engine, recording each call's prompts; its owner fixture closes it."""
+
+    def __init__(self, inner: OnnxEngine) -> None:
+        self.inner = inner
+        self.calls: list[int] = []
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.inner.info
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def health(self) -> bool:
+        return await self.inner.health()
+
+    async def score(self, prompts: Sequence[Prompt]) -> Scored:
+        self.calls.append(len(prompts))
+        return await self.inner.score(prompts)
+
+    async def close(self) -> None:
+        """Closed by the module fixture, not by each router."""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def onnx(tiny_model_dir: Path):
+    # fp32: int8 dynamic quantization scales activations per batch, so scores would depend on batch mates.
+    engine = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+def fallback(onnx: OnnxEngine) -> SharedEngine:
+    return SharedEngine(onnx)
+
+
+@pytest.fixture(scope="module")
+def prompts(prompt_builder: PromptBuilder) -> list[Prompt]:
+    docs = [
+        "Paris is the capital of France.",
+        "Berlin is the capital of Germany.",
+        "Bread needs flour, water, salt and yeast. " * 20,
+        "",
+        "The capital of France is Paris.\n",
+    ]
+    return prompt_builder.build("What is the capital of France?", docs)
+
+
+def vllm(url: str, **kw) -> VllmEngine:
+    kw.setdefault("connect_timeout_ms", 500)
+    kw.setdefault("request_timeout_ms", 300)
+    kw.setdefault("health_timeout_ms", 300)
+    return VllmEngine(url, model="tiny-reranker", **kw)
+
+
+def routed(primary, fallback, **kw) -> RoutedEngine:
+    kw.setdefault("failure_threshold", 3)
+    kw.setdefault("reset_ms", 60_000)
+    # A slow probe by default, so only the batches under test move the breaker.
+    kw.setdefault("probe_interval_ms", 60_000)
+    return RoutedEngine(primary, fallback, **kw)
+
+
+def assert_scores(got: Sequence[float], want: Sequence[float]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) <= TOLERANCE, (got, want)
+
+
+async def wait_for_state(router: RoutedEngine, state: CircuitState, bound_s: float = HANG_BOUND_S) -> None:
+    deadline = time.monotonic() + bound_s
+    while router.circuit_state is not state:
+        assert time.monotonic() < deadline, f"circuit stayed {router.circuit_state} instead of {state}"
+        await asyncio.sleep(0.02)
+
+
+# --- the vLLM engine's error translation ------------------------------------------------------------
+
+
+async def test_vllm_engine_reports_a_closed_port_as_unavailable(prompts):
+    engine = vllm(f"http://127.0.0.1:{free_port()}")
+    await engine.start()
+    try:
+        assert await engine.health() is False
+        with pytest.raises(EngineUnavailable, match="cannot connect"):
+            await engine.score(prompts)
+    finally:
+        await engine.close()
+
+
+async def test_vllm_engine_times_out_on_a_sidecar_that_never_answers(prompts):
+    server = SilentServer(free_port())
+    engine = vllm(f"http://127.0.0.1:{server.port}")
+    await engine.start()
+    try:
+        started = time.monotonic()
+        assert await engine.health() is False
+        with pytest.raises(EngineTimeout, match=r"did not answer within 0\.3 s"):
+            await engine.score(prompts)
+        assert time.monotonic() - started < HANG_BOUND_S
+    finally:
+        await engine.close()
+        server.close()
+
+
+async def test_vllm_engine_passes_on_the_sidecars_error_message(prompts):
+    with http_peer() as peer:
+        peer.classify = (500, {"error": {"message": "EngineCore died", "type": "InternalServerError"}})
+        engine = vllm(peer.url)
+        await engine.start()
+        try:
+            with pytest.raises(EngineFailure, match=r"HTTP 500.*EngineCore died") as info:
+                await engine.score(prompts)
+            assert not isinstance(info.value, EngineRejected)
+            peer.classify = (400, {"error": {"message": "maximum context length is 512 tokens"}})
+            with pytest.raises(EngineRejected, match=r"HTTP 400.*maximum context length"):
+                await engine.score(prompts)
+        finally:
+            await engine.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "invalid JSON"),
+        ({"data": []}, "returned 0 results"),
+        ({"data": [{"index": 0, "probs": [0.1, 0.9], "num_classes": 2}]}, "2 scores per prompt"),
+        ({"data": [{"index": 0, "probs": ["high"]}]}, "non-numeric score"),
+        ({"data": [{"index": 3, "probs": [0.5]}]}, "bad or repeated index"),
+    ],
+)
+async def test_vllm_engine_refuses_a_malformed_answer(prompts, body, message):
+    with http_peer() as peer:
+        peer.classify = (200, body)
+        engine = vllm(peer.url)
+        await engine.start()
+        try:
+            with pytest.raises(EngineFailure, match=message):
+                await engine.score(prompts[:1])
+        finally:
+            await engine.close()
+
+
+async def test_vllm_engine_sends_token_ids_and_reads_results_by_index(prompts):
+    seen: list[dict] = []
+
+    def classify(body: dict) -> tuple[int, dict]:
+        seen.append(body)
+        # Out of order on purpose: the engine must place results by their index.
+        data = [{"index": i, "probs": [float(i) - 0.5]} for i in reversed(range(len(body["input"])))]
+        return 200, {"data": data}
+
+    with http_peer() as peer:
+        peer.classify = classify
+        engine = vllm(peer.url)
+        await engine.start()
+        try:
+            scored = await engine.score(prompts)
+        finally:
+            await engine.close()
+    assert scored == Scored([i - 0.5 for i in range(len(prompts))], "vllm")
+    (body,) = seen
+    assert body["input"] == [list(p.input_ids) for p in prompts]
+    assert body["use_activation"] is False
+    assert body["add_special_tokens"] is False
+    assert body["model"] == "tiny-reranker"
+
+
+# --- the breaker on its own -------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_threshold_half_opens_after_reset_and_closes_on_success():
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, reset_ms=1_000, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.try_acquire()
+        breaker.record_failure()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.try_acquire()
+    breaker.record_success()  # a success resets the count of consecutive failures
+    for _ in range(3):
+        assert breaker.try_acquire()
+        breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    now[0] = 0.999
+    assert not breaker.try_acquire()
+    now[0] = 1.0
+    assert breaker.try_acquire()  # the single half-open trial
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert not breaker.try_acquire()  # one trial at a time
+    breaker.record_failure()  # the trial failed: open again for a full reset period
+    assert breaker.state is CircuitState.OPEN
+    now[0] = 1.5
+    assert not breaker.try_acquire()
+    now[0] = 2.0
+    assert breaker.try_acquire()
+    breaker.release()  # a trial that proved nothing frees the slot without closing
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.try_acquire()
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.consecutive_failures == 0
+
+
+# --- routing ----------------------------------------------------------------------------------------
+
+
+async def test_down_primary_sends_every_batch_to_onnx_with_no_error(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    router = routed(vllm(f"http://127.0.0.1:{free_port()}"), fallback)
+    before = sample(metrics.FALLBACKS, reason="circuit_open")
+    await router.start()
+    try:
+        # The primary was down at start: the circuit opened without waiting for failed batches.
+        assert router.circuit_state is CircuitState.OPEN
+        results = await asyncio.gather(*(router.score(prompts) for _ in range(8)))
+        for r in results:
+            assert r.engine == "onnx"
+            assert_scores(r.scores, want)
+        assert sample(metrics.FALLBACKS, reason="circuit_open") - before == 8
+        assert sample(metrics.CIRCUIT_STATE, engine="vllm") == CircuitState.OPEN.value
+        status = await router.status()
+        assert status["primary"] == {"engine": "vllm", "healthy": False}
+        assert status["fallback"] == {"engine": "onnx", "healthy": True}
+        assert status["circuit"] == "open"
+        assert await router.health() is True  # the fallback can answer
+    finally:
+        await router.close()
+
+
+async def test_failing_primary_opens_the_circuit_after_threshold_batches(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    with http_peer() as peer:  # healthy /health, HTTP 500 on every /classify
+        router = routed(vllm(peer.url), fallback, failure_threshold=3)
+        failures = sample(metrics.FALLBACKS, reason="failure")
+        errors = sample(metrics.ENGINE_ERRORS, engine="vllm", kind="failure")
+        await router.start()
+        try:
+            assert router.circuit_state is CircuitState.CLOSED
+            for i in range(5):
+                r = await router.score(prompts)
+                assert r.engine == "onnx"
+                assert_scores(r.scores, want)
+                expected = CircuitState.OPEN if i >= 2 else CircuitState.CLOSED
+                assert router.circuit_state is expected
+            # Three batches tried the primary; once open, the circuit kept the next two away from it.
+            assert peer.classify_calls == 3
+            assert sample(metrics.FALLBACKS, reason="failure") - failures == 3
+            assert sample(metrics.ENGINE_ERRORS, engine="vllm", kind="failure") - errors == 3
+            status = await router.status()
+            assert status["circuit"] == "open"
+            assert "HTTP 500" in status["last_error"]
+            assert "boom" in status["last_error"]
+        finally:
+            await router.close()
+
+
+async def test_batch_that_times_out_on_primary_is_answered_by_onnx(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    with http_peer() as peer:
+        peer.hold_classify.clear()  # /health answers, /classify hangs
+        router = routed(vllm(peer.url, request_timeout_ms=300), fallback, failure_threshold=2)
+        timeouts = sample(metrics.FALLBACKS, reason="timeout")
+        await router.start()
+        try:
+            started = time.monotonic()
+            results = [await router.score(prompts) for _ in range(3)]
+            assert time.monotonic() - started < HANG_BOUND_S
+            for r in results:
+                assert r.engine == "onnx"
+                assert_scores(r.scores, want)
+            assert sample(metrics.FALLBACKS, reason="timeout") - timeouts == 2
+            assert router.circuit_state is CircuitState.OPEN
+            assert (await router.status())["last_error"].startswith("timeout:")
+        finally:
+            await router.close()
+
+
+async def test_hung_sidecar_is_detected_by_the_probe_and_fallback_answers(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    with http_peer() as peer:
+        router = routed(vllm(peer.url), fallback, failure_threshold=2, probe_interval_ms=50)
+        await router.start()
+        try:
+            assert router.circuit_state is CircuitState.CLOSED
+            peer.close()  # the sidecar goes away and a silent socket takes its port
+            silent = SilentServer(peer.port)
+            try:
+                await wait_for_state(router, CircuitState.OPEN)
+                r = await router.score(prompts)
+                assert r.engine == "onnx"
+                assert_scores(r.scores, want)
+                assert (await router.status())["primary"]["healthy"] is False
+            finally:
+                silent.close()
+        finally:
+            await router.close()
+
+
+async def test_rejected_batch_falls_back_without_counting_against_the_primary(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    with http_peer() as peer:
+        peer.classify = (400, {"error": {"message": "prompt longer than max_model_len"}})
+        router = routed(vllm(peer.url), fallback, failure_threshold=1)
+        rejected = sample(metrics.FALLBACKS, reason="rejected")
+        await router.start()
+        try:
+            for _ in range(3):
+                r = await router.score(prompts)
+                assert r.engine == "onnx"
+                assert_scores(r.scores, want)
+            assert router.circuit_state is CircuitState.CLOSED
+            assert peer.classify_calls == 3
+            assert sample(metrics.FALLBACKS, reason="rejected") - rejected == 3
+        finally:
+            await router.close()
+
+
+async def test_circuit_half_opens_after_reset_and_closes_when_primary_recovers(prompts, fallback, onnx):
+    want = (await onnx.score(prompts)).scores
+    port = free_port()
+    # A long request timeout: the stand-in is slow on a busy machine, and only "down" is under test here.
+    router = routed(vllm(f"http://127.0.0.1:{port}", request_timeout_ms=10_000), fallback, reset_ms=300)
+    await router.start()
+    sidecar = None
+    try:
+        assert router.circuit_state is CircuitState.OPEN
+        assert (await router.score(prompts)).engine == "onnx"
+        await asyncio.sleep(0.35)
+        # The reset elapsed but the primary is still down: the trial batch fails and reopens the circuit.
+        r = await router.score(prompts)
+        assert r.engine == "onnx"
+        assert router.circuit_state is CircuitState.OPEN
+        sidecar = StandInSidecar(port, onnx)  # the primary comes back on the same port
+        r = await router.score(prompts)
+        assert r.engine == "onnx"  # still inside the new reset period
+        assert sidecar.classify_calls == 0
+        await asyncio.sleep(0.35)
+        r = await router.score(prompts)  # the half-open trial reaches the primary and succeeds
+        assert r.engine == "vllm"
+        assert_scores(r.scores, want)
+        assert router.circuit_state is CircuitState.CLOSED
+        assert sample(metrics.CIRCUIT_STATE, engine="vllm") == CircuitState.CLOSED.value
+        results = await asyncio.gather(*(router.score(prompts) for _ in range(4)))
+        assert {r.engine for r in results} == {"vllm"}
+        assert sidecar.classify_calls == 5
+    finally:
+        await router.close()
+        if sidecar is not None:
+            sidecar.close()
+
+
+async def test_probe_closes_the_circuit_when_primary_recovers_without_traffic(prompts, fallback, onnx):
+    port = free_port()
+    primary = vllm(f"http://127.0.0.1:{port}", request_timeout_ms=10_000, health_timeout_ms=2_000)
+    router = routed(primary, fallback, reset_ms=200, probe_interval_ms=50)
+    await router.start()
+    sidecar = StandInSidecar(port, onnx)
+    try:
+        await wait_for_state(router, CircuitState.CLOSED)
+        assert sidecar.classify_calls == 0  # /health alone closed it
+        assert (await router.score(prompts)).engine == "vllm"
+        assert (await router.status())["primary"]["healthy"] is True
+    finally:
+        await router.close()
+        sidecar.close()
+
+
+async def test_fallback_gets_batches_cut_to_its_own_budget(prompt_builder, tiny_model_dir, prompts):
+    small = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1, max_batch_pairs=4)
+    watched = SharedEngine(small)
+    await small.start()
+    try:
+        docs = [f"document {i} " + "word " * (i * 7 % 30) for i in range(12)]
+        many = prompt_builder.build("a query?", docs)
+        want = (await small.score(many)).scores
+        router = routed(vllm(f"http://127.0.0.1:{free_port()}"), watched)
+        await router.start()
+        watched.calls.clear()
+        try:
+            r = await router.score(many)
+        finally:
+            await router.close()
+        assert r.engine == "onnx"
+        assert_scores(r.scores, want)
+        assert sum(watched.calls) == len(many)
+        assert max(watched.calls) <= 4
+    finally:
+        await small.close()
