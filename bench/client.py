@@ -26,8 +26,10 @@ import httpx
 from bench.beir_workload import Workload, WorkloadItem
 
 RESULTS_FORMAT = "rerank-bench/v1"
-Dialect = Literal["cohere", "jina", "tei"]
-DIALECTS: tuple[str, ...] = ("cohere", "jina", "tei")
+Dialect = Literal["cohere", "cohere-v2", "jina", "tei"]
+DIALECTS: tuple[str, ...] = ("cohere", "cohere-v2", "jina", "tei")
+# The Cohere SDKs name themselves in this header; on /v1/rerank the gateway then answers in Cohere's shape.
+COHERE_SDK_HEADERS = {"X-Fern-SDK-Name": "cohere"}
 
 
 class BenchError(ValueError):
@@ -137,10 +139,10 @@ def plan_requests(
 
 def request_for(
     dialect: Dialect, plan: PlannedRequest, top_n: int | None, model: str | None
-) -> tuple[str, dict]:
-    """The route and JSON body for `plan` in `dialect`."""
+) -> tuple[str, dict, dict[str, str]]:
+    """The route, JSON body and extra headers for `plan` in `dialect`."""
     if dialect == "tei":
-        return "/rerank", {"query": plan.query, "texts": list(plan.documents), "return_text": False}
+        return "/rerank", {"query": plan.query, "texts": list(plan.documents), "return_text": False}, {}
     body: dict[str, Any] = {"query": plan.query, "documents": list(plan.documents)}
     if model:
         body["model"] = model
@@ -148,7 +150,10 @@ def request_for(
         body["top_n"] = top_n
     if dialect == "jina":
         body["return_documents"] = False
-    return "/v1/rerank", body
+        return "/v1/rerank", body, {}
+    if dialect == "cohere-v2":
+        return "/v2/rerank", body, {}
+    return "/v1/rerank", body, COHERE_SDK_HEADERS
 
 
 def ranking_from(dialect: Dialect, plan: PlannedRequest, top_n: int | None, payload: Any) -> list[int]:
@@ -191,10 +196,10 @@ def ndcg_at_10(ranking: Sequence[int], relevance: Sequence[int]) -> float | None
 
 async def send_one(client: httpx.AsyncClient, config: BenchConfig, plan: PlannedRequest) -> Outcome:
     """Send one request and judge its answer."""
-    path, body = request_for(config.dialect, plan, config.top_n, config.model)
+    path, body, headers = request_for(config.dialect, plan, config.top_n, config.model)
     start_s = time.perf_counter()
     try:
-        response = await client.post(path, json=body)
+        response = await client.post(path, json=body, headers=headers)
         payload = response.json() if response.status_code == 200 else None
     except httpx.HTTPError as exc:
         return Outcome(time.perf_counter() - start_s, len(plan.documents), error=type(exc).__name__)

@@ -175,9 +175,21 @@ class RerankUser(HttpUser):
     def _top_n(self, n: int) -> int | None:
         return self.rng.randint(1, n) if self.rng.random() < 0.5 else None
 
-    def _post(self, dialect: str, path: str, body: dict[str, Any], docs: list[str], expect: dict) -> None:
+    def _post(
+        self,
+        dialect: str,
+        path: str,
+        body: dict[str, Any],
+        docs: list[str],
+        expect: dict,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         with self.client.post(
-            path, json=body, headers=self.headers, name=f"{path} [{dialect}]", catch_response=True
+            path,
+            json=body,
+            headers={**self.headers, **(headers or {})},
+            name=f"{path} [{dialect}]",
+            catch_response=True,
         ) as response:
             problem = check_response(response.status_code, _json(response), docs, **expect)
             if problem:
@@ -192,7 +204,15 @@ class RerankUser(HttpUser):
         body: dict[str, Any] = {"query": query, "documents": docs, "return_documents": echo}
         if top_n is not None:
             body["top_n"] = top_n
-        self._post("cohere-v1", "/v1/rerank", body, docs, {"top_n": top_n, "echo": echo})
+        # The Cohere SDKs name themselves in this header; the gateway answers them in the Cohere shape.
+        self._post(
+            "cohere-v1",
+            "/v1/rerank",
+            body,
+            docs,
+            {"top_n": top_n, "echo": echo},
+            {"X-Fern-SDK-Name": "cohere"},
+        )
 
     @task(DIALECT_WEIGHTS["cohere-v2"])
     def cohere_v2(self) -> None:
@@ -214,8 +234,9 @@ class RerankUser(HttpUser):
             body["model"] = self.model
         if top_n is not None:
             body["top_n"] = top_n
-        # Jina and vLLM return the documents unless told otherwise.
-        self._post("jina", "/rerank", body, docs, {"top_n": top_n, "echo": True})
+        # Jina's API path and vLLM's; both return the documents unless told otherwise.
+        path = self.rng.choice(("/v1/rerank", "/rerank"))
+        self._post("jina", path, body, docs, {"top_n": top_n, "echo": True})
 
     @task(DIALECT_WEIGHTS["tei"])
     def tei(self) -> None:

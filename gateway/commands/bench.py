@@ -108,7 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Documents per request (default: the query's).",
     )
     run.add_argument(
-        "--dialect", choices=("cohere", "jina", "tei"), default="cohere", help="Request body shape."
+        "--dialect",
+        choices=("cohere", "cohere-v2", "jina", "tei"),
+        default="cohere",
+        help="Request body shape.",
     )
     run.add_argument("--top-n", type=_positive, default=None, metavar="N")
     run.add_argument("--model", default=None, help="`model` field to send.")
