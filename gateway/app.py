@@ -112,8 +112,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"{request.method} is not allowed on {request.url.path}: see /docs"
     else:
         message = str(exc.detail)
+    error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
     return JSONResponse(
-        error_body(message, _HTTP_TYPES.get(exc.status_code, "http_error"), None, None),
+        error_body(message, error_type, None, error_type),
         status_code=exc.status_code,
         headers=dict(exc.headers or {}),
     )
@@ -125,6 +126,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         error_body(
             f"internal error (request id {_request_id(request)}): the gateway log has the details",
             "internal_error",
+            code="internal_error",
         ),
         status_code=500,
         headers={REQUEST_ID_HEADER: _request_id(request)},

@@ -1,0 +1,309 @@
+"""The error table through real HTTP: every bad input is a 4xx `{"error": {message, type, param, code}}`
+whose message names the field, on a real `rerank-gateway serve` with API keys and small limits."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import gateway_server
+
+KEY = "key-two"
+AUTH = {"authorization": f"Bearer {KEY}"}
+MAX_DOCS = 5
+MAX_DOC_CHARS = 300
+MAX_QUERY_CHARS = 100
+MAX_BODY_BYTES = 4000
+MAX_CHUNKS = 4
+GOOD = {"query": "how to keep bread fresh", "documents": ["Bread keeps in a bag.", "Coffee is hot."]}
+
+
+def free_port() -> int:
+    for port in range(18130, 18200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18130-18199")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = {
+        "RERANK_API_KEYS": f"key-one,{KEY}",
+        "RERANK_MODEL_ALIASES": "rerank-v3.5",
+        "RERANK_MAX_DOCUMENTS_PER_REQUEST": str(MAX_DOCS),
+        "RERANK_MAX_DOCUMENT_CHARS": str(MAX_DOC_CHARS),
+        "RERANK_MAX_QUERY_CHARS": str(MAX_QUERY_CHARS),
+        "RERANK_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        "RERANK_MAX_CHUNKS_PER_DOC_LIMIT": str(MAX_CHUNKS),
+    }
+    with gateway_server(free_port(), tiny_model_dir, tmp_path_factory.mktemp("errors"), env=env) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=60.0) as c:
+        yield c
+
+
+def assert_error(
+    response: httpx.Response, status: int, error_type: str, param: str | None, *needles: str
+) -> dict:
+    """The response is `status` with the error body naming `param`, and its message says each needle."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["param"] == param
+    assert isinstance(error["code"], str)
+    for needle in needles:
+        assert needle in error["message"], error["message"]
+    assert response.headers["x-request-id"]
+    return error
+
+
+def with_(**changes: object) -> dict:
+    body = dict(GOOD)
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+# (route, body, status, type, param, words the message must contain)
+BAD_BODIES = [
+    ("/v1/rerank", with_(query=...), 400, "invalid_request_error", "query", ["`query`", "required"]),
+    (
+        "/v1/rerank",
+        with_(documents=...),
+        400,
+        "invalid_request_error",
+        "documents",
+        ["`documents`", "required"],
+    ),
+    ("/rerank", with_(documents=[]), 400, "invalid_request_error", "documents", ["`documents`", "empty"]),
+    ("/rerank", {"query": "q", "texts": []}, 400, "invalid_request_error", "texts", ["`texts`", "empty"]),
+    ("/v2/rerank", with_(top_n=0), 400, "invalid_request_error", "top_n", ["`top_n`", ">= 1"]),
+    ("/v2/rerank", with_(top_n=-3), 400, "invalid_request_error", "top_n", ["`top_n`", ">= 1"]),
+    ("/v2/rerank", with_(top_n="three"), 400, "invalid_request_error", "top_n", ["`top_n`", "integer"]),
+    ("/rerank", with_(query=42), 400, "invalid_request_error", "query", ["`query`", "string", "number"]),
+    (
+        "/rerank",
+        with_(documents="one doc"),
+        400,
+        "invalid_request_error",
+        "documents",
+        ["`documents`", "array"],
+    ),
+    ("/rerank", with_(documents=["ok", 7]), 400, "invalid_request_error", "documents[1]", ["`documents[1]`"]),
+    ("/rerank", with_(documents=["ok", None]), 400, "invalid_request_error", "documents[1]", ["null"]),
+    ("/rerank", with_(documents=[{"title": "t"}]), 400, "invalid_request_error", "documents[0]", ["`text`"]),
+    (
+        "/v1/rerank",
+        with_(documents=[{"text": "a"}], rank_fields=["title"]),
+        400,
+        "invalid_request_error",
+        "documents[0]",
+        ["rank_fields", "title"],
+    ),
+    ("/v1/rerank", with_(rank_fields=[]), 400, "invalid_request_error", "rank_fields", ["`rank_fields`"]),
+    ("/rerank", {"query": "q", "texts": ["a", 3]}, 400, "invalid_request_error", "texts[1]", ["`texts[1]`"]),
+    ("/rerank", with_(return_documents="maybe"), 400, "invalid_request_error", "return_documents", ["true"]),
+    (
+        "/rerank",
+        {"query": "q", "texts": ["a"], "truncation_direction": "up"},
+        400,
+        "invalid_request_error",
+        "truncation_direction",
+        ["`truncation_direction`", "left"],
+    ),
+    ("/rerank", with_(max_tokens_per_doc=0), 400, "invalid_request_error", "max_tokens_per_doc", [">= 1"]),
+    (
+        "/v1/rerank",
+        with_(max_chunks_per_doc=MAX_CHUNKS + 1),
+        400,
+        "invalid_request_error",
+        "max_chunks_per_doc",
+        ["`max_chunks_per_doc`", str(MAX_CHUNKS), "RERANK_MAX_CHUNKS_PER_DOC_LIMIT"],
+    ),
+    (
+        "/rerank",
+        with_(documents=["d"] * (MAX_DOCS + 1)),
+        413,
+        "payload_too_large",
+        "documents",
+        [str(MAX_DOCS + 1), f"at most {MAX_DOCS}", "RERANK_MAX_DOCUMENTS_PER_REQUEST"],
+    ),
+    (
+        "/rerank",
+        with_(documents=["short", "x" * (MAX_DOC_CHARS + 1)]),
+        413,
+        "payload_too_large",
+        "documents[1]",
+        ["`documents[1]`", str(MAX_DOC_CHARS), "RERANK_MAX_DOCUMENT_CHARS"],
+    ),
+    (
+        "/rerank",
+        {"query": "q", "texts": ["x" * (MAX_DOC_CHARS + 1)]},
+        413,
+        "payload_too_large",
+        "texts[0]",
+        ["`texts[0]`"],
+    ),
+    (
+        "/rerank",
+        with_(query="q" * (MAX_QUERY_CHARS + 1)),
+        413,
+        "payload_too_large",
+        "query",
+        ["`query`", str(MAX_QUERY_CHARS), "RERANK_MAX_QUERY_CHARS"],
+    ),
+    ("/rerank", with_(model="gpt-4"), 404, "model_not_found", "model", ["'gpt-4'", "RERANK_MODEL_ALIASES"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error_type", "param", "needles"),
+    BAD_BODIES,
+    ids=[f"{c[2]}-{c[4]}-{i}" for i, c in enumerate(BAD_BODIES)],
+)
+def test_bad_body_gets_a_4xx_that_names_the_field(client, path, body, status, error_type, param, needles):
+    assert_error(client.post(path, json=body, headers=AUTH), status, error_type, param, *needles)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b'{"query": "q", "documents": ["a"]', "not valid JSON"),
+        (b"{'query': 'q'}", "not valid JSON"),
+        (b"", "empty"),
+        (b"   ", "empty"),
+        (b'["q", "a"]', "JSON object"),
+        (b"42", "JSON object"),
+        (b'{"query": "\xff\xfe"}', "UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+    ],
+    ids=["truncated", "single-quotes", "empty", "blank", "array", "number", "not-utf8", "deep"],
+)
+def test_unparseable_body_is_400(client, content, needle):
+    response = client.post(
+        "/v1/rerank", content=content, headers={**AUTH, "content-type": "application/json"}
+    )
+    if needle == "body":  # 200 kB of brackets is over the body limit: refused before parsing
+        assert_error(response, 413, "payload_too_large", None, "RERANK_MAX_BODY_BYTES")
+    else:
+        assert_error(response, 400, "invalid_request_error", None, needle)
+
+
+def test_deeply_nested_json_within_the_size_limit_is_400(client):
+    depth = MAX_BODY_BYTES // 2 - 40
+    content = b'{"query": "q", "documents": ' + b"[" * depth + b"]" * depth + b"}"
+    assert len(content) <= MAX_BODY_BYTES
+    response = client.post("/rerank", content=content, headers=AUTH)
+    assert_error(response, 400, "invalid_request_error", None, "nested too deeply")
+
+
+def test_body_over_the_limit_is_413_from_content_length(client):
+    body = with_(documents=["word " * 50] * 4, query="q")
+    response = client.post("/rerank", json={**body, "padding": "p" * MAX_BODY_BYTES}, headers=AUTH)
+    assert_error(response, 413, "payload_too_large", None, str(MAX_BODY_BYTES), "RERANK_MAX_BODY_BYTES")
+
+
+def test_body_over_the_limit_is_413_while_streaming_without_content_length(client):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"query": "q", "documents": ["'
+        for _ in range(MAX_BODY_BYTES // 100 + 5):
+            yield b"x" * 100
+        yield b'"]}'
+
+    response = client.post("/rerank", content=chunks(), headers=AUTH)
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "payload_too_large", None, "RERANK_MAX_BODY_BYTES")
+
+
+def test_unknown_fields_are_ignored(client):
+    body = with_(user="u-1", priority=3, truncate_prompt_tokens=-1, chat_template_kwargs={"x": 1})
+    response = client.post("/rerank", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
+
+
+def test_an_alias_is_accepted_as_model(client):
+    response = client.post("/v2/rerank", json=with_(model="rerank-v3.5"), headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_dialect_header_is_400(client):
+    response = client.post("/rerank", json=GOOD, headers={**AUTH, "x-rerank-dialect": "openai"})
+    assert_error(response, 400, "invalid_request_error", "x-rerank-dialect", "cohere-v1", "tei")
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "needle"),
+    [
+        ({}, "missing API key"),
+        ({"authorization": "Bearer wrong"}, "invalid API key"),
+        ({"authorization": "Basic a2V5LXR3bw=="}, "Bearer"),
+        ({"authorization": "Bearer"}, "Bearer"),
+        ({"authorization": f"Bearer {KEY}x"}, "invalid API key"),
+    ],
+    ids=["missing", "wrong", "basic", "empty-bearer", "prefix-of-key"],
+)
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+def test_rerank_needs_a_valid_key(client, path, headers, needle):
+    response = client.post(path, json=GOOD, headers=headers)
+    assert_error(response, 401, "authentication_error", "Authorization", needle)
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_every_configured_key_is_accepted(client):
+    for key in ("key-one", KEY):
+        response = client.post("/rerank", json=GOOD, headers={"authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+
+
+def test_a_bad_key_is_refused_before_the_body_is_read(client):
+    response = client.post("/rerank", content=b"{not json", headers={"authorization": "Bearer wrong"})
+    assert_error(response, 401, "authentication_error", "Authorization")
+
+
+def test_models_needs_a_key(client):
+    assert_error(client.get("/v1/models"), 401, "authentication_error", "Authorization")
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/openapi.json", "/docs"])
+def test_health_ready_metrics_and_docs_stay_open(client, path):
+    assert client.get(path).status_code == 200
+
+
+# --- routes and methods --------------------------------------------------------------------------
+
+
+def test_unknown_route_is_404_in_the_error_shape(client):
+    assert_error(client.get("/v1/rerankz"), 404, "not_found", None, "/v1/rerankz")
+
+
+def test_wrong_method_is_405_in_the_error_shape(client):
+    response = client.get("/v1/rerank", headers=AUTH)
+    assert_error(response, 405, "method_not_allowed", None, "GET")
+    assert "POST" in response.headers["allow"]
+
+
+def test_client_request_id_is_echoed_on_errors(client):
+    response = client.post("/rerank", json=with_(top_n=0), headers={**AUTH, "x-request-id": "req-7"})
+    assert response.headers["x-request-id"] == "req-7"
+    # An id that is not short printable ASCII is replaced, never echoed.
+    response = client.post("/rerank", json=with_(top_n=0), headers={**AUTH, "x-request-id": "a b"})
+    assert response.headers["x-request-id"] != "a b"
