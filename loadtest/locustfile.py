@@ -169,7 +169,7 @@ class RerankUser(HttpUser):
         if self.rng.random() < self.long_doc_share:
             # A long document: the kind that hits truncation (or chunking) on the server.
             pool = [d for _, ds in CASES for d in ds]
-            picked[self.rng.randrange(n)] = " ".join(self.rng.choices(pool, k=self.rng.randint(8, 40)))
+            picked[self.rng.randrange(n)] = " ".join(self.rng.choices(pool, k=self.rng.randint(4, 16)))
         return query, picked
 
     def _top_n(self, n: int) -> int | None:
