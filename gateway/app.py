@@ -236,7 +236,7 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     install_docs(app)
-    install_openapi(app, rerank.REQUEST_BODY_MODELS)
+    install_openapi(app, rerank.REQUEST_BODY_MODELS, auth_enabled=bool(settings.api_keys))
     _install_observability(app, settings)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -83,8 +83,11 @@ def json_body(models: list[type[BaseModel]], description: str) -> dict[str, Any]
     }
 
 
-def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]]) -> None:
-    """Generate the spec once, adding the schemas of models that routes reference by hand."""
+def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]], *, auth_enabled: bool) -> None:
+    """Generate the spec once, adding the schemas of models that routes reference by hand.
+
+    Without API keys the Bearer scheme is left out, so the spec says what the server does: no auth.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -99,6 +102,11 @@ def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]]) -> None:
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         for name, schema in defs.get("$defs", {}).items():
             schemas.setdefault(name, schema)
+        if not auth_enabled:
+            spec["components"].pop("securitySchemes", None)
+            for operations in spec.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.pop("security", None)
         app.openapi_schema = spec
         return spec
 

@@ -15,7 +15,9 @@ from gateway.disconnect import run_until_disconnected
 from gateway.docs import json_body
 from gateway.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from gateway.schemas import (
+    DIALECT_HEADER,
     DIALECT_RULE,
+    DIALECTS,
     REQUEST_MODELS,
     cohere,
     detect_dialect,
@@ -75,14 +77,24 @@ _ROUTE_NOTES = {
 }
 
 
+_DIALECT_PARAMETER = {
+    "name": DIALECT_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Optional: the dialect to speak, overriding the route and body rule.",
+    "schema": {"type": "string", "enum": list(DIALECTS)},
+}
+
+
 def _openapi(path: str) -> dict[str, Any]:
+    extra = json_body(
+        REQUEST_BODY_MODELS, "One of the dialects' requests; unknown fields are ignored. " + DIALECT_RULE
+    )
+    extra["parameters"] = [_DIALECT_PARAMETER]
     return {
         "response_model": RESPONSE_MODEL,
         "responses": RESPONSES,
-        "openapi_extra": json_body(
-            REQUEST_BODY_MODELS,
-            "One of the dialects' requests; unknown fields are ignored. " + DIALECT_RULE,
-        ),
+        "openapi_extra": extra,
         "description": f"Rerank documents against a query. For {_ROUTE_NOTES[path]} " + DIALECT_RULE,
     }
 
