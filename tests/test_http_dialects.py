@@ -415,3 +415,34 @@ def test_truncation_and_chunking_are_counted(client):
     assert counter("rerank_documents_chunked_total") == chunked + 2
     # Two chunks of 16 tokens cannot hold 40 words: both long documents lost their ends.
     assert counter("rerank_documents_truncated_total") == truncated + 2
+
+
+# --- the client command --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "shape"),
+    [("cohere", {"id", "results", "meta"}), ("jina", {"id", "model", "usage", "results"}), ("tei", None)],
+)
+def test_client_command_prints_the_servers_answer(url, direct, capsys, dialect, shape):
+    import json
+
+    from gateway.cli import main
+
+    docs_file = Path(__file__).resolve().parents[1] / "data" / "example_docs.json"
+    texts = [d["text"] for d in json.loads(docs_file.read_text())]
+    query = "how long does bread stay fresh"
+    argv = ["client", "--url", url, "--query", query, "--docs-file", str(docs_file)]
+    rc = main([*argv, "--top-n", "3", "--dialect", dialect, "--raw-scores"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    body = json.loads(out)
+    raw = direct.raw(query, texts)
+    best = sorted(range(len(texts)), key=lambda i: (-raw[i], i))[:3]
+    if shape is None:
+        assert [x["index"] for x in body] == best
+        assert all(x["text"] == texts[x["index"]] for x in body)
+    else:
+        assert set(body) == shape
+        assert [x["index"] for x in body["results"]] == best
+        assert all(x["document"]["text"] == texts[x["index"]] for x in body["results"])

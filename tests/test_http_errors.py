@@ -3,6 +3,7 @@ whose message names the field, on a real `rerank-gateway serve` with API keys an
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,60 @@ def test_client_request_id_is_echoed_on_errors(client):
     # An id that is not short printable ASCII is replaced, never echoed.
     response = client.post("/rerank", json=with_(top_n=0), headers={**AUTH, "x-request-id": "a b"})
     assert response.headers["x-request-id"] != "a b"
+
+
+# --- the serve and client commands ---------------------------------------------------------------
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    child_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *argv],
+        env=child_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_serve_without_the_model_folder_is_one_line_naming_the_setting(tmp_path):
+    result = run_cli(
+        "serve", "--port", str(free_port()), env={"RERANK_MODEL_PATH": str(tmp_path / "nope")}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "RERANK_MODEL_PATH" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_client_reports_a_refused_connection_in_one_line(tmp_path):
+    docs = tmp_path / "docs.json"
+    docs.write_text('["a", "b"]')
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli("client", "--url", f"http://127.0.0.1:{port}", "--query", "q", "--docs-file", str(docs))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot connect" in lines[0]
+    assert "connection refused" in lines[0]
+
+
+def test_client_reports_the_servers_error_message(url, tmp_path):
+    docs = tmp_path / "docs.json"
+    docs.write_text('["a", "b"]')
+    result = run_cli("client", "--url", url, "--query", "q", "--docs-file", str(docs), "--api-key", "wrong")
+    assert result.returncode == 2
+    assert "401" in result.stderr
+    assert "invalid API key" in result.stderr
+    result = run_cli("client", "--url", url, "--query", "q", "--docs-file", str(docs), "--api-key", KEY)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["results"]) == 2
