@@ -51,16 +51,21 @@ GATEWAY_ENV = {
 }
 
 
-def prepare_model_into_volume(model: str, revision: str) -> str:
-    """Export + int8-quantize the model into the volume, unless a complete copy is already there."""
+def prepare_model_into_volume(model: str, revision: str, models_dir: str = MODELS_DIR) -> str:
+    """Export + int8-quantize the model into the volume, unless a complete copy is already there.
+
+    The gateway's own resolution does it (engines.model_store.resolve_model), so the folder lands exactly
+    where the serving containers look for it.
+    """
     from engines.model_store import resolve_model
     from gateway.config import Settings
 
     settings = Settings(
-        _env_file=None, model=model, model_revision=revision, cache_dir=MODELS_DIR, auto_export=True
+        _env_file=None, model=model, model_revision=revision, cache_dir=models_dir, auto_export=True
     )
     prepared = resolve_model(settings)
-    models_vol.commit()
+    if not modal.is_local():  # inside Modal: make the new files visible to other containers
+        models_vol.commit()
     print(f"prepared model folder: {prepared}")
     return str(prepared)
 
