@@ -365,3 +365,30 @@ def test_client_reports_the_servers_error_message(url, tmp_path):
     result = run_cli("client", "--url", url, "--query", "q", "--docs-file", str(docs), "--api-key", KEY)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["results"]) == 2
+
+
+# --- before the engine is loaded ------------------------------------------------------------------
+
+
+async def test_before_the_engine_is_warm_ready_is_503_and_rerank_asks_to_retry(tiny_model_dir):
+    from gateway.app import create_app
+    from gateway.config import Settings
+
+    # ASGITransport runs no lifespan: the app is as it is while the model still loads.
+    app = create_app(Settings(_env_file=None, model_path=tiny_model_dir))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        assert (await c.get("/health")).status_code == 200
+        ready = await c.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "loading"
+        response = await c.post("/rerank", json=GOOD)
+        assert_error(response, 503, "service_unavailable", None, "loading", "/ready")
+        # Bad input is still a 400, loaded or not.
+        assert_error(await c.post("/rerank", json=with_(top_n=0)), 400, "invalid_request_error", "top_n")
+
+
+def test_ready_reports_the_engine_once_warm(client):
+    body = client.get("/ready").json()
+    assert body["status"] == "ready"
+    assert body["engines"] == {"onnx": {"healthy": True}}
