@@ -446,3 +446,15 @@ def test_client_command_prints_the_servers_answer(url, direct, capsys, dialect, 
         assert set(body) == shape
         assert [x["index"] for x in body["results"]] == best
         assert all(x["document"]["text"] == texts[x["index"]] for x in body["results"])
+
+
+def test_a_large_body_is_ranked_with_ties_in_index_order(client, direct):
+    # 600 copies of one ~600-character document: over 300 kB of JSON, parsed off the event loop.
+    doc = " ".join(WORDS) * 4
+    request = {"query": QUERY, "documents": [doc] * 600, "return_documents": False}
+    response = post(client, "/rerank", request)
+    body = response.json()
+    results = body["results"]
+    assert [x["index"] for x in results] == list(range(600))
+    expected = normalize_score(direct.raw(QUERY, [doc])[0], ESTIMATED_MAX)
+    assert all(x["relevance_score"] == pytest.approx(expected, abs=1e-5) for x in results)

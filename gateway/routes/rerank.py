@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Union
@@ -33,6 +34,9 @@ from gateway.schemas.tei import TeiRequest, TeiResponse
 from gateway.service import RerankService, check_model_name
 
 router = APIRouter(tags=["rerank"])
+
+# Bodies from this size on are parsed and validated in a worker thread.
+OFFLOAD_BYTES = 256 * 1024
 
 REQUEST_BODY_MODELS = [CohereV1Request, CohereV2Request, JinaRequest, TeiRequest]
 RESPONSE_MODEL = Union[CohereV1Response, CohereV2Response, JinaResponse, TeiResponse]  # noqa: UP007
@@ -120,13 +124,15 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
             )
         chunks.append(chunk)
     raw = b"".join(chunks)
+    request.state.body_bytes = len(raw)
     if not raw.strip():
         raise InvalidRequest(
             'the request body is empty: send a JSON object such as {"query": "...", "documents": ["..."]}',
             code="empty_body",
         )
     try:
-        payload = json.loads(raw)
+        # A body of many megabytes takes long enough to parse that it must not stall the event loop.
+        payload = json.loads(raw) if len(raw) < OFFLOAD_BYTES else await asyncio.to_thread(json.loads, raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
@@ -156,7 +162,9 @@ async def rerank(request: Request) -> Response:
     dialect = detect_dialect(path, payload, request.headers)
     request.state.dialect = dialect
     try:
-        req = REQUEST_MODELS[dialect].model_validate(payload)
+        model = REQUEST_MODELS[dialect]
+        big = request.state.body_bytes >= OFFLOAD_BYTES
+        req = await asyncio.to_thread(model.model_validate, payload) if big else model.model_validate(payload)
     except ValidationError as exc:
         raise invalid_request_from(exc) from None
     check_model_name(state.settings, getattr(req, "model", None))
