@@ -26,7 +26,6 @@ from engines.contract import CONTRACT_VERSION, PromptBuilder, estimated_max_for
 from engines.model_store import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    PREPARE_HINT,
     WEIGHT_FILE_PATTERNS,
     file_entry,
     is_hf_dir,
@@ -129,8 +128,8 @@ def fetch_source(
             f"could not download {source!r}"
             + (f" at revision {revision!r}" if revision else "")
             + f" from the Hugging Face hub ({type(exc).__name__}: {first_line}); "
-            "without hub access, copy the model folder to this machine and set RERANK_MODEL_PATH to it, or "
-            f"{PREPARE_HINT}"
+            "without hub access, copy the model folder (a Hugging Face folder or one prepared by "
+            "`rerank-gateway export`) to this machine and set RERANK_MODEL_PATH to it"
         ) from exc
     path = Path(path)
     # The snapshot folder is named after the commit it resolved to.
@@ -153,7 +152,10 @@ def _score_module(model, yes_id: int, no_id: int):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             # Positions count real tokens only: a left-padded row gets the positions it has unpadded.
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.body.embed_tokens(input_ids)
+            # Padding rows are held at zero: dynamic int8 quantizes activations with one scale per tensor,
+            # and zero rows never widen its range, so padding does not move the other rows' scores.
+            keep = attention_mask[:, :, None].to(self.body.embed_tokens.weight.dtype)
+            hidden = self.body.embed_tokens(input_ids) * keep
             cos, sin = self.body.rotary_emb(hidden, position_ids)
             seq = torch.arange(input_ids.shape[1], device=input_ids.device)
             causal = (seq[None, :] <= seq[:, None])[None, None, :, :]
@@ -163,7 +165,7 @@ def _score_module(model, yes_id: int, no_id: int):
             )
             for layer in self.body.layers:
                 out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
-                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = (out[0] if isinstance(out, tuple) else out) * keep
             last = self.body.norm(hidden[:, -1, :])
             score = last @ getattr(self, SCORE_DIRECTION)
             if self.bias_diff is not None:
