@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import logging
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,6 +292,34 @@ def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
     return estimated_max_for(settings.model)
 
 
+def model_dir_for(settings: Settings, engine_name: str) -> Path:
+    """The model folder an engine loads: a prepared one, or for the reference engine an HF one as is."""
+    from engines.model_store import is_hf_dir, is_prepared_dir, resolve_model
+
+    path = settings.model_path
+    if engine_name == "reference" and path is not None and is_hf_dir(path) and not is_prepared_dir(path):
+        # The wrapper loads the torch weights itself: exporting ONNX graphs first would be wasted minutes.
+        return Path(path)
+    return resolve_model(settings)
+
+
+@contextmanager
+def _silenced(quiet: bool) -> Iterator[None]:
+    """Under --quiet, hold back the chatter of model loading (export progress, library warnings)."""
+    if not quiet:
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
 class LocalRanker:
     """A started engine with its prompt builder: scores queries against documents in this process."""
 
@@ -311,7 +343,6 @@ class LocalRanker:
         """Resolve the model, build and start the engine."""
         from engines.contract import PromptBuilder
         from engines.factory import build_engine
-        from engines.model_store import resolve_model
 
         check_model_location(settings)
         if engine_name == "onnx" and settings.device not in ("auto", "cpu"):
@@ -320,10 +351,11 @@ class LocalRanker:
                 f"note: the onnx engine runs on the CPU; --device {settings.device} is for reference",
             )
         started = time.perf_counter()
-        model_dir = resolve_model(settings)
-        builder = PromptBuilder.from_dir(model_dir, max_length=settings.max_length)
-        engine = build_engine(engine_name, settings, model_dir)  # type: ignore[arg-type]
-        await engine.start()
+        with _silenced(quiet):
+            model_dir = model_dir_for(settings, engine_name)
+            builder = PromptBuilder.from_dir(model_dir, max_length=settings.max_length)
+            engine = build_engine(engine_name, settings, model_dir)  # type: ignore[arg-type]
+            await engine.start()
         info(
             quiet,
             f"loaded {model_dir} on the {engine_name} engine"

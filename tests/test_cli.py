@@ -388,6 +388,14 @@ def test_rank_missing_model_from_environment_is_one_line(capsys, tmp_path, monke
     assert_one_line_error(rc, out, err, "gone", "RERANK_MODEL_PATH")
 
 
+def test_rank_hub_model_that_cannot_be_fetched_is_one_line_under_quiet(capsys, tmp_path):
+    docs = write_json(tmp_path / "docs.json", ["a document"])
+    rc, out, err = run_cli(
+        capsys, "rank", "--query", "q", "--docs-file", docs, "--model", "nobody/no-such-reranker", "-q"
+    )
+    assert_one_line_error(rc, out, err, "nobody/no-such-reranker")
+
+
 def test_rank_folder_that_is_not_a_model_is_one_line(capsys, tmp_path):
     (tmp_path / "empty-model").mkdir()
     docs = write_json(tmp_path / "docs.json", ["a document"])
