@@ -222,6 +222,12 @@ def _export_into_cache(source: str, target: Path, *, revision: str | None, hub_c
     return target
 
 
+def hub_cache_target(settings: Settings) -> Path:
+    """Where the prepared copy of `settings.model` at `settings.model_revision` is kept."""
+    revision = _slug(settings.model_revision or "default")
+    return Path(settings.cache_dir) / "prepared" / f"{_slug(settings.model)}@{revision}"
+
+
 def resolve_model(settings: Settings) -> Path:
     """The prepared model folder to serve, exporting it into the cache first when needed and allowed."""
     if settings.model_path is not None:
@@ -243,7 +249,7 @@ def resolve_model(settings: Settings) -> Path:
         )
 
     revision = settings.model_revision
-    target = Path(settings.cache_dir) / "prepared" / f"{_slug(settings.model)}@{_slug(revision or 'default')}"
+    target = hub_cache_target(settings)
     if is_prepared_dir(target):
         return target
     if not settings.auto_export:
