@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         None, description="Engine that answers when the primary fails; onnx when the primary is vllm."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    reference_model: str | None = Field(
+        None,
+        description="HF folder or hub id the reference engine loads; defaults to model_path when that is "
+        "an HF folder, else the prepared model's export source, else `model`.",
+    )
     onnx_intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose (one per core).")
     onnx_inter_op_threads: int = Field(1, ge=0)
     vllm_url: str | None = Field(None, description="Base URL of the vLLM sidecar, e.g. http://vllm:8000.")
