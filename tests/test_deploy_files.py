@@ -49,7 +49,8 @@ def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "COMPOSE_", "PROMETHEUS_"))}
     clean.update(env or {})
     return subprocess.run(
-        [str(compose_binary()), "-f", str(REPO_ROOT / "docker-compose.yml"), *args],
+        # --env-file /dev/null: a developer's .env must not change what is tested.
+        [str(compose_binary()), "-f", str(REPO_ROOT / "docker-compose.yml"), "--env-file", os.devnull, *args],
         capture_output=True,
         text=True,
         timeout=60,
