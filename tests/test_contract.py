@@ -72,6 +72,12 @@ def setting(request):
     return s, builder, _wrapper(hf_dir, s.max_length)
 
 
+@pytest.fixture(scope="module")
+def truncation_cases(setting) -> list[cases.Case]:
+    s, builder, _ = setting
+    return list(cases.truncation_cases(builder.count_tokens, s.max_length, s.max_position_embeddings))
+
+
 def test_template_pieces_equal_the_wrappers(setting):
     s, builder, wrapper = setting
     assert builder.fixed_length == wrapper.predefined_length == cases.FIXED_TEMPLATE_TOKENS
@@ -92,10 +98,10 @@ def test_prompt_ids_equal_the_wrappers_bit_for_bit_on_the_tricky_cases(setting):
     assert compared > 200
 
 
-def test_prompt_ids_equal_the_wrappers_on_every_truncation_branch(setting):
+def test_prompt_ids_equal_the_wrappers_on_every_truncation_branch(setting, truncation_cases):
     s, builder, wrapper = setting
     hit: set[str] = set()
-    for case in cases.truncation_cases(builder.count_tokens, s.max_length, s.max_position_embeddings):
+    for case in truncation_cases:
         prompts = builder.build(case.query, case.documents, case.instruction)
         theirs = _wrapper_ids(wrapper, case.query, case.documents, case.instruction)
         for p, b in zip(prompts, theirs, strict=True):
@@ -106,17 +112,16 @@ def test_prompt_ids_equal_the_wrappers_on_every_truncation_branch(setting):
     assert set(s.branches) <= hit, f"branches not reached: {set(s.branches) - hit}"
 
 
-def test_truncated_flag_marks_exactly_the_cut_prompts(setting):
-    s, builder, _ = setting
-    for case in cases.truncation_cases(builder.count_tokens, s.max_length, s.max_position_embeddings):
+def test_truncated_flag_marks_exactly_the_cut_prompts(setting, truncation_cases):
+    _, builder, _ = setting
+    doc_tokens: dict[str, int] = {}
+    for case in truncation_cases:
         full_query = builder.count_tokens(builder.query_text(case.query, case.instruction))
         for p in builder.build(case.query, case.documents, case.instruction):
-            untruncated = (
-                builder.fixed_length
-                + len(builder.sep_ids)  # fixed_length counts one of the two separators
-                + full_query
-                + builder.count_tokens(DOC_PROMPT.format(document=p.document))
-            )
+            if p.document not in doc_tokens:
+                doc_tokens[p.document] = builder.count_tokens(DOC_PROMPT.format(document=p.document))
+            # fixed_length counts one of the prompt's two separators.
+            untruncated = builder.fixed_length + len(builder.sep_ids) + full_query + doc_tokens[p.document]
             assert p.truncated == (len(p) < untruncated), case.name
 
 
