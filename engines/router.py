@@ -6,7 +6,8 @@
 - half-open: one trial tests the primary (other batches keep using the fallback); success closes the
   circuit, failure opens it again for another `reset_ms`.
 A batch that fails or times out on the primary is retried once on the fallback, so callers see no error;
-`Scored.engine` says which engine answered.
+`Scored.engine` says which engine answered. When the circuit opens, batches still waiting on the primary
+(a hung sidecar) move to the fallback at once instead of waiting for their own timeout.
 
 Budgets: the router reports the primary's EngineInfo (the coalescer sends vLLM large slices, several at
 once) and re-slices a batch to the fallback's own budget, with the fallback's concurrency, when it falls
@@ -58,6 +59,10 @@ def _error_kind(exc: EngineError) -> str:
     if isinstance(exc, EngineRejected):
         return "rejected"
     return "failure"
+
+
+class _CircuitOpened(Exception):
+    """The circuit opened while a batch was waiting on the primary."""
 
 
 class CircuitBreaker:
@@ -150,11 +155,13 @@ class RoutedEngine:
         self.probe_interval_s = probe_interval_ms / 1000
         self._primary_name = primary.info.name
         self._fallback_name = fallback.info.name
+        # Set when the circuit opens, so batches still waiting on a hung primary leave at once.
+        self._opened = asyncio.Event()
         self.breaker = CircuitBreaker(
             failure_threshold=failure_threshold,
             reset_ms=reset_ms,
             clock=clock,
-            on_change=lambda s: CIRCUIT_STATE.labels(self._primary_name).set(s.value),
+            on_change=self._on_circuit_change,
         )
         CIRCUIT_STATE.labels(self._primary_name).set(CircuitState.CLOSED.value)
         self._fallback_slots = asyncio.Semaphore(max(1, fallback.info.max_concurrent_batches))
@@ -163,6 +170,12 @@ class RoutedEngine:
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._started = False
+
+    def _on_circuit_change(self, state: CircuitState) -> None:
+        CIRCUIT_STATE.labels(self._primary_name).set(state.value)
+        if state is CircuitState.OPEN:
+            opened, self._opened = self._opened, asyncio.Event()
+            opened.set()
 
     @classmethod
     def from_settings(cls, primary: Engine, fallback: Engine, settings: Settings) -> RoutedEngine:
@@ -240,7 +253,10 @@ class RoutedEngine:
         if not self.breaker.try_acquire():
             return await self._fall_back(prompts, "circuit_open")
         try:
-            result = await self.primary.score(prompts)
+            result = await self._primary_until_opened(prompts)
+        except _CircuitOpened:
+            # The probe (or other batches) declared the primary down while this batch waited on it.
+            return await self._fall_back(prompts, "circuit_open")
         except EngineRejected as exc:
             # The sidecar is fine; this batch is not servable there (e.g. longer than its max_model_len).
             self.breaker.release()
@@ -255,6 +271,22 @@ class RoutedEngine:
             raise
         self.breaker.record_success()
         return Scored(result.scores, result.engine)
+
+    async def _primary_until_opened(self, prompts: Sequence[Prompt]) -> Scored:
+        """The primary's answer, or _CircuitOpened as soon as the circuit opens (no waiting for a timeout)."""
+        opened = self._opened
+        call = asyncio.ensure_future(self.primary.score(prompts))
+        waiter = asyncio.ensure_future(opened.wait())
+        try:
+            await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished = call.done()
+            waiter.cancel()
+            if not finished:
+                call.cancel()
+        if not finished:
+            raise _CircuitOpened
+        return call.result()
 
     def _note_error(self, exc: EngineError) -> None:
         kind = _error_kind(exc)

@@ -484,6 +484,34 @@ async def test_hung_sidecar_is_detected_by_the_probe_and_fallback_answers(prompt
             await router.close()
 
 
+async def test_batches_waiting_on_a_hung_primary_leave_when_the_probe_opens_the_circuit(
+    prompts, fallback, onnx
+):
+    want = (await onnx.score(prompts)).scores
+    with http_peer() as peer:
+        peer.hold_classify.clear()  # /classify hangs
+        # A request timeout far longer than the bound below: only the opening circuit can free the batch.
+        primary = vllm(peer.url, request_timeout_ms=60_000, health_timeout_ms=300)
+        router = routed(primary, fallback, failure_threshold=2, probe_interval_ms=50)
+        opened = sample(metrics.FALLBACKS, reason="circuit_open")
+        await router.start()
+        try:
+            started = time.monotonic()
+            batch = asyncio.ensure_future(router.score(prompts))
+            while peer.classify_calls == 0:
+                assert time.monotonic() - started < HANG_BOUND_S
+                await asyncio.sleep(0.01)
+            assert not batch.done()
+            peer.health_status = 503  # the probe now sees the sidecar as down
+            r = await asyncio.wait_for(batch, HANG_BOUND_S)
+            assert r.engine == "onnx"
+            assert_scores(r.scores, want)
+            assert router.circuit_state is CircuitState.OPEN
+            assert sample(metrics.FALLBACKS, reason="circuit_open") - opened == 1
+        finally:
+            await router.close()
+
+
 async def test_rejected_batch_falls_back_without_counting_against_the_primary(prompts, fallback, onnx):
     want = (await onnx.score(prompts)).scores
     with http_peer() as peer:
