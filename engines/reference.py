@@ -149,7 +149,7 @@ class ReferenceEngine:
     async def health(self) -> bool:
         return self._wrapper is not None
 
-    def _batches(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+    def plan(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Indices grouped by instruction (the wrapper takes one per call), then under the budgets."""
         groups: dict[str | None, list[int]] = {}
         for i, p in enumerate(prompts):
@@ -179,7 +179,7 @@ class ReferenceEngine:
         if wrapper is None:
             raise EngineUnavailable("the reference engine is not started (or was closed)")
         out = [math.nan] * len(prompts)
-        for batch in self._batches(prompts):
+        for batch in self.plan(prompts):
             instruction = prompts[batch[0]].instruction or None
             try:
                 scores = wrapper.predict(
