@@ -246,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="Print the command instead of running it.")
     add_override_arguments(parser)
     args, extra = parser.parse_known_args(argv)
-    opts = apply_overrides(options_from_env(), args)
+    try:
+        opts = apply_overrides(options_from_env(), args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if extra:
         # Unknown flags go to vLLM untouched (after an optional `--`).
         extra = extra[1:] if extra[0] == "--" else extra
