@@ -293,14 +293,39 @@ def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
 
 
 def model_dir_for(settings: Settings, engine_name: str) -> Path:
-    """The model folder an engine loads: a prepared one, or for the reference engine an HF one as is."""
-    from engines.model_store import is_hf_dir, is_prepared_dir, resolve_model
+    """The folder an engine loads: a prepared one, or for the reference engine its HF weights as they are."""
+    from engines.model_store import resolve_model
 
-    path = settings.model_path
-    if engine_name == "reference" and path is not None and is_hf_dir(path) and not is_prepared_dir(path):
+    if engine_name == "reference":
+        from engines.reference import reference_source
+
         # The wrapper loads the torch weights itself: exporting ONNX graphs first would be wasted minutes.
-        return Path(path)
+        source = reference_source(None, settings)
+        if Path(source).expanduser().is_dir():
+            return Path(source).expanduser()
+        if settings.model_path is None:
+            # Same revision rule as ReferenceEngine.from_settings.
+            return hub_tokenizer_dir(source, None if settings.reference_model else settings.model_revision)
     return resolve_model(settings)
+
+
+# What the prompt builder reads; the wrapper downloads the weights into the same hub cache.
+TOKENIZER_PATTERNS = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def hub_tokenizer_dir(model_id: str, revision: str | None) -> Path:
+    """Config and tokenizer files of a hub model, fetched into the standard Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    from engines.base import ModelPreparationError
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=list(TOKENIZER_PATTERNS)))
+    except (OSError, ValueError) as exc:  # hub errors (offline, 404, auth) are OSErrors
+        raise ModelPreparationError(
+            f"could not fetch {model_id!r} from the Hugging Face hub ({type(exc).__name__}); without hub "
+            "access, copy the model's Hugging Face folder here and pass it with --model"
+        ) from exc
 
 
 @contextmanager
