@@ -77,4 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so `CLIError` is one class everywhere.
+    from gateway.cli import main as _main
+
+    sys.exit(_main())
