@@ -163,14 +163,42 @@ def _score_module(model, yes_id: int, no_id: int):
             mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
                 ~allowed, torch.finfo(hidden.dtype).min
             )
-            for layer in self.body.layers:
+            *layers, final = self.body.layers
+            for layer in layers:
                 out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
                 hidden = (out[0] if isinstance(out, tuple) else out) * keep
-            last = self.body.norm(hidden[:, -1, :])
+            last = self.body.norm(self._last_position(final, hidden, mask, cos, sin))
             score = last @ getattr(self, SCORE_DIRECTION)
             if self.bias_diff is not None:
                 score = score + self.bias_diff
             return score
+
+        @staticmethod
+        def _last_position(layer, hidden, mask, cos, sin) -> torch.Tensor:
+            """The final decoder layer for the last position only (keys and values still see every position).
+
+            The same operations as Qwen2DecoderLayer with eager attention, restricted to one query row: the
+            other rows of the last layer never reach the score.
+            """
+            from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
+
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            batch, seq, _ = x.shape
+            q = attn.q_proj(x[:, -1:, :]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * cos[:, :, -1:] + rotate_half(q) * sin[:, :, -1:]
+            k = k * cos + rotate_half(k) * sin
+            k = repeat_kv(k, attn.num_key_value_groups)
+            v = repeat_kv(v, attn.num_key_value_groups)
+            weights = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask[:, :, -1:, :]
+            weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+            context = torch.matmul(weights, v).transpose(1, 2).reshape(batch, 1, -1)
+            h = hidden[:, -1:, :] + attn.o_proj(context)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            return h[:, 0, :]
 
     return ScoreHead().eval()
 
