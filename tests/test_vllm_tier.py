@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,7 +43,7 @@ GATEWAY_ENV = {
     "RERANK_VLLM_MODEL": SERVED,
     "RERANK_QUANTIZATION": "fp32",
     "RERANK_VLLM_CONNECT_TIMEOUT_MS": "1000",
-    # Long enough for an 8k-token prompt on a busy CPU; a hung sidecar costs in-flight batches this much.
+    # Long enough for an 8k-token prompt on a busy CPU (a hung sidecar is caught sooner by the probe).
     "RERANK_VLLM_REQUEST_TIMEOUT_MS": "15000",
     "RERANK_HEALTH_PROBE_INTERVAL_MS": "500",
     "RERANK_BREAKER_FAILURE_THRESHOLD": "3",
@@ -227,6 +229,19 @@ def test_vllm_scores_through_the_gateway_equal_onnx_fp32_and_the_official_wrappe
     )
     # The truncated case really produced the contract's longest prompt, which the sidecar accepted.
     assert longest >= 8192
+
+
+def test_cli_health_probe_reports_the_running_sidecar(sidecar):
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "vllm", "health", "--url", sidecar.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["health"] == 200
+    assert report["models"] == [{"id": SERVED, "max_model_len": sidecar.options.max_model_len}]
 
 
 # --- fault tolerance ----------------------------------------------------------------------------------
