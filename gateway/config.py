@@ -21,7 +21,10 @@ def default_cache_dir() -> Path:
 class Settings(BaseSettings):
     """Every knob of the gateway. Names carry units."""
 
-    model_config = SettingsConfigDict(env_prefix="RERANK_", env_file=".env", extra="ignore")
+    # An empty variable (compose passes `RERANK_MODEL_PATH=` through) means "unset", not "the current folder".
+    model_config = SettingsConfigDict(
+        env_prefix="RERANK_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     # --- model -----------------------------------------------------------------------------------
     model: str = Field(DEFAULT_MODEL, description="Hub id of the model (used when model_path is unset).")

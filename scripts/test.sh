@@ -31,7 +31,7 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 pkgs=()
-has fast && pkgs+=(chromium)
+has fast && pkgs+=(chromium prometheus)  # /docs rendering; promtool checks /metrics
 has load && pkgs+=(prometheus)
 has container && pkgs+=(podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap)
 [[ ${#pkgs[@]} -gt 0 ]] && apt_install "${pkgs[@]}"
