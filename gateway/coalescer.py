@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,12 @@ MIN_RETRY_AFTER_S = 0.05
 MAX_RETRY_AFTER_S = 300.0
 # Throughput is measured over the most recent batches, so it follows load and engine changes.
 THROUGHPUT_WINDOW_BATCHES = 32
+# Full batches handed to the engine beyond max_concurrent_batches: one waits at the engine while another
+# runs, so the engine starts it the moment it is free instead of after a hand-off to the event loop thread
+# (which can wait out the GIL's 5 ms switch interval). Only full batches are sent ahead.
+PIPELINED_BATCHES = 1
+# Padded engines choose each batch among this many batches' worth of the oldest queued pairs.
+LOOKAHEAD_BATCHES = 4
 # Cancellation messages the coalescer reports as their own DROPPED reason (bounded label values).
 KNOWN_CANCEL_REASONS = frozenset({"client_disconnected", "shutdown"})
 SHUTTING_DOWN = "the gateway is shutting down; retry on another replica"
@@ -92,6 +100,7 @@ class _Pair:
     prompt: Prompt
     key: _DedupKey
     enqueued_s: float
+    seq: int  # arrival order across requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +167,8 @@ class Coalescer:
         self._closing = False
         self._owner: asyncio.Task[None] | None = None
         self._staged: _Batch | None = None
+        self._staged_arrivals = 0
+        self._arrivals = 0
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._settled: asyncio.Event | None = None
@@ -272,8 +283,10 @@ class Coalescer:
             future=loop.create_future(), scores=[0.0] * n, remaining=n, queued=n, queued_tokens=tokens
         )
         self._queue.extend(
-            _Pair(request, i, prompt, _DedupKey(prompt.input_ids), now) for i, prompt in enumerate(prompts)
+            _Pair(request, i, prompt, _DedupKey(prompt.input_ids), now, self._arrivals + i)
+            for i, prompt in enumerate(prompts)
         )
+        self._arrivals += n
         self._queued_pairs += n
         self._queued_tokens += tokens
         self._m_depth.set(self._queued_pairs)
@@ -407,7 +420,11 @@ class Coalescer:
         return False
 
     def _select(self) -> _Batch | None:
-        """Pop the oldest live pairs that fit the budget (always at least one) and prepare them."""
+        """Pop the next batch's pairs (always the oldest one, and at least one) and prepare them."""
+        return self._select_similar_lengths() if self.padded else self._select_fifo()
+
+    def _select_fifo(self) -> _Batch | None:
+        """The oldest live pairs that fit the budget: right when padding costs nothing."""
         groups: dict[_DedupKey, list[_Pair]] = {}
         longest = tokens = 0
         while self._queue:
@@ -429,6 +446,58 @@ class Coalescer:
             groups[pair.key] = [self._queue.popleft()]
             longest, tokens = max(longest, n), tokens + n
         return self._prepare(groups) if groups else None
+
+    def _select_similar_lengths(self) -> _Batch | None:
+        """For padded engines: the oldest pair plus the most pairs of nearby length that fit the budget.
+
+        Pairs are looked at in a window of the oldest few batches' worth, sorted by length; the batch is
+        the contiguous length range around the oldest pair holding the most rows. When everything queued
+        fits, that is everything (as FIFO would take). Under load it cuts padding, and since every batch
+        takes the oldest pair, no pair waits behind more than its position in the queue.
+        """
+        window = LOOKAHEAD_BATCHES * self.max_batch_pairs
+        groups: dict[_DedupKey, list[_Pair]] = {}
+        for pair in self._queue:
+            if not pair.request.live:
+                continue
+            group = groups.get(pair.key)
+            if group is not None:
+                group.append(pair)
+            elif len(groups) < window:
+                groups[pair.key] = [pair]
+        if not groups:
+            self._queue.clear()
+            return None
+        keys = list(groups)  # oldest first
+        rank = {key: i for i, key in enumerate(keys)}
+        by_length = sorted(keys, key=lambda k: (len(k.ids), rank[k]))
+        lengths = [len(k.ids) for k in by_length]
+        anchor = by_length.index(keys[0])
+        budget, max_rows, n = self.max_batch_tokens, self.max_batch_pairs, len(by_length)
+        prefix = [0, *itertools.accumulate(lengths)]
+
+        def fits(lo: int, hi: int) -> bool:
+            return hi - lo < max_rows and lengths[hi] * (hi - lo + 1) <= budget
+
+        # Two pointers: a lower `lo` adds rows, so the highest `hi` that fits can only come down.
+        hi = anchor
+        while hi + 1 < n and fits(anchor, hi + 1):
+            hi += 1
+        best, best_key = (anchor, hi), (0, 0)
+        for lo in range(anchor, -1, -1):
+            while hi > anchor and not fits(lo, hi):
+                hi -= 1
+            if lo < anchor and not fits(lo, hi):
+                break
+            rows = hi - lo + 1
+            # Most rows first; among equals, the least padding.
+            key = (rows, -(lengths[hi] * rows - (prefix[hi + 1] - prefix[lo])))
+            if key > best_key:
+                best, best_key = (lo, hi), key
+        chosen = {key: groups[key] for key in sorted(by_length[best[0] : best[1] + 1], key=rank.__getitem__)}
+        taken = {id(pair) for group in chosen.values() for pair in group}
+        self._queue = deque(p for p in self._queue if p.request.live and id(p) not in taken)
+        return self._prepare(chosen)
 
     def _prepare(self, groups: dict[_DedupKey, list[_Pair]]) -> _Batch | None:
         live = [[p for p in group if p.request.live] for group in groups.values()]
@@ -464,16 +533,14 @@ class Coalescer:
             if self._budget_full() or (slot_free and (self._draining or waited_ms >= self.max_wait_ms)):
                 batch = self._select()
                 if batch is not None:
-                    # Staged: prepared while earlier batches run, launched as soon as a slot frees.
-                    self._staged = batch
-                    while self._in_flight >= self.max_concurrent_batches and not self._closing:
+                    # Staged: prepared while earlier batches run, launched the moment a slot frees
+                    # (by the batch that frees it, before it resolves its own requests).
+                    self._staged, self._staged_arrivals = batch, self._arrivals
+                    self._launch_staged()
+                    while self._staged is not None and not self._closing:
                         wake.clear()
                         await wake.wait()
-                    self._staged = None
-                    if self._closing:
-                        self._fail_batch(batch, ServiceUnavailable(SHUTTING_DOWN), "shutdown")
-                        return
-                    self._launch(batch)
+                        self._launch_staged()
                 continue
             timer = None
             if slot_free:
@@ -483,6 +550,30 @@ class Coalescer:
             finally:
                 if timer is not None:
                     timer.cancel()
+
+    def _launch_staged(self) -> None:
+        """Launch the staged batch if a slot is free; re-plan it first if more pairs came meanwhile."""
+        batch = self._staged
+        if (
+            batch is None
+            or self._closing
+            or self._in_flight >= self.max_concurrent_batches + PIPELINED_BATCHES
+        ):
+            return
+        self._staged = None
+        if self.padded and self._arrivals != self._staged_arrivals:
+            # Choosing again among all queued pairs finds closer lengths.
+            self._unstage(batch)
+            batch = self._select()
+        if batch is not None:
+            self._launch(batch)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _unstage(self, batch: _Batch) -> None:
+        """Put a staged batch's pairs back in the queue, in arrival order."""
+        staged = sorted((p for group in batch.owners for p in group), key=lambda p: p.seq)
+        self._queue = deque(heapq.merge(staged, self._queue, key=lambda p: p.seq))
 
     def _owner_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -522,14 +613,26 @@ class Coalescer:
         task.add_done_callback(self._batch_tasks.discard)
 
     async def _execute(self, batch: _Batch, started_s: float) -> None:
+        released = False
+
+        def release_slot() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._in_flight -= 1
+                self._in_flight_pairs -= batch.pairs
+                # The engine gets its next batch before this one's requests are resolved.
+                self._launch_staged()
+
         try:
-            await self._score_batch(batch, started_s, isolate=True)
+            await self._score_batch(batch, started_s, isolate=True, on_scored=release_slot)
         finally:
-            self._in_flight -= 1
-            self._in_flight_pairs -= batch.pairs
+            release_slot()
             self._check_settled()
 
-    async def _score_batch(self, batch: _Batch, started_s: float, *, isolate: bool) -> None:
+    async def _score_batch(
+        self, batch: _Batch, started_s: float, *, isolate: bool, on_scored: Callable[[], None] | None = None
+    ) -> None:
         try:
             scored = await self._engine.score(batch.prompts)
             if len(scored.scores) != len(batch.prompts):
@@ -562,6 +665,8 @@ class Coalescer:
             self._fail_batch(batch, from_engine_error(EngineFailure(str(exc))), "engine_error")
             return
         self._record(batch, started_s, time.monotonic())
+        if on_scored is not None:
+            on_scored()
         for score, group in zip(scored.scores, batch.owners, strict=True):
             for pair in group:
                 request = pair.request

@@ -147,6 +147,14 @@ async def hold_in_flight(c: Coalescer, engine: WatchedEngine, prompts: list[Prom
     return task
 
 
+async def fill_engine(c: Coalescer, engine: WatchedEngine, first: list[Prompt], full: list[Prompt]):
+    """Hold one batch running and one full batch sent ahead (pipelined), so the next batch must queue."""
+    held = await hold_in_flight(c, engine, first)
+    ahead = asyncio.create_task(c.score(full))
+    await until(lambda: len(engine.calls) == 2)
+    return held, ahead
+
+
 async def until(predicate, timeout_s: float = 10.0) -> None:
     """Wait (bounded) until `predicate()` holds."""
     deadline = time.monotonic() + timeout_s
@@ -191,7 +199,7 @@ async def test_batch_flushes_as_soon_as_the_pair_budget_is_full(engine, builder)
 
 
 async def test_batch_flushes_when_the_padded_token_budget_is_full(engine, builder):
-    singles = [request(builder, seed, 1) for seed in range(4)]
+    singles = [request(builder, seed, 1) for seed in range(3)] + [request(builder, 3, 1, words=30)]
     longest = max(len(r[0]) for r in singles[:3])
     # Padded cost: the longest row times the rows. Three rows fit exactly, a fourth does not.
     c = coalescer(engine, max_batch_tokens=longest * 3, max_wait_ms=60_000)
@@ -235,6 +243,47 @@ async def test_order_within_a_request_survives_length_sorting(engine, builder):
     assert [len(p) for p in call] == sorted(len(p) for p in prompts)
     assert [len(p) for p in call] != [len(p) for p in prompts]  # the test really reordered
     assert_close(answer.scores, await alone(engine, prompts))
+
+
+async def test_queued_pairs_of_similar_length_are_batched_together_oldest_first(engine, builder):
+    short = [builder.build(f"q{i}", [text(300 + i, 3)]) for i in range(4)]
+    long = [builder.build(f"q{i}", [text(400 + i, 40)]) for i in range(4)]
+    arrivals = [r for pair in zip(short, long, strict=True) for r in pair]  # short, long, short, long...
+    c = coalescer(engine, max_batch_pairs=4, max_wait_ms=0)
+    try:
+        busy = await fill_engine(c, engine, request(builder, 310, 2), request(builder, 311, 4))
+        tasks = []
+        for prompts in arrivals:
+            tasks.append(asyncio.create_task(c.score(prompts)))
+            await until(lambda n=len(tasks): c.stats()["queued_pairs"] >= n)  # staged pairs count as queued
+        engine.gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await asyncio.wait_for(asyncio.gather(*busy), 10)
+    finally:
+        await c.close()
+    names = {r[0].input_ids: f"short{i}" for i, r in enumerate(short)}
+    names.update({r[0].input_ids: f"long{i}" for i, r in enumerate(long)})
+    later = [sorted(names[p.input_ids] for p in call) for call in engine.calls[2:]]
+    assert later == [[f"short{i}" for i in range(4)], [f"long{i}" for i in range(4)]]
+    for prompts, answer in zip(arrivals, answers, strict=True):
+        assert_close(answer.scores, await alone(engine, prompts))
+
+
+async def test_only_a_full_batch_is_sent_ahead_to_a_busy_engine(engine, builder):
+    c = coalescer(engine, max_batch_pairs=4, max_wait_ms=0)
+    try:
+        held = await hold_in_flight(c, engine, request(builder, 320, 2))
+        small = asyncio.create_task(c.score(request(builder, 321, 2)))
+        await until(lambda: c.stats()["queued_pairs"] == 2)
+        await asyncio.sleep(0.05)
+        assert len(engine.calls) == 1  # half a batch waits: it may still gain company or be cancelled
+        more = asyncio.create_task(c.score(request(builder, 322, 2)))
+        await until(lambda: len(engine.calls) == 2)  # a full one waits at the engine instead
+        assert len(engine.calls[1]) == 4
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(held, small, more), 10)
+    finally:
+        await c.close()
 
 
 async def test_identical_pairs_in_one_batch_are_scored_once(engine, builder):
@@ -307,20 +356,20 @@ async def test_cancelled_request_pairs_never_reach_the_engine(engine, builder):
 
 
 async def test_cancelled_pairs_already_staged_as_the_next_batch_are_skipped(engine, builder):
-    blocker, leaver = request(builder, 30, 4), request(builder, 31, 4)
+    leaver = request(builder, 31, 4)
     c = coalescer(engine, max_batch_pairs=4, max_wait_ms=0)
     try:
-        held = await hold_in_flight(c, engine, blocker)
+        busy = await fill_engine(c, engine, request(builder, 30, 4), request(builder, 32, 4))
         leaving = asyncio.create_task(c.score(leaver))
         await until(lambda: c.stats()["staged_pairs"] == 4)  # a full budget is prepared while the engine runs
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
         engine.gate.set()
-        await asyncio.wait_for(held, 10)
+        await asyncio.wait_for(asyncio.gather(*busy), 10)
         await c.drain(10)
     finally:
         await c.close()
-    assert len(engine.calls) == 1
+    assert len(engine.calls) == 2
     assert c.stats()["queued_pairs"] == 0
 
 
@@ -407,21 +456,21 @@ async def test_failed_batch_fails_only_its_own_requests(onnx_engine, builder):
         onnx_engine, fail=lambda n, _: EngineUnavailable("sidecar down") if n == 1 else None
     )
     first, second = request(builder, 60, 4), request(builder, 61, 4)
-    c = coalescer(engine, max_batch_pairs=4, max_wait_ms=0)
-    before = metrics.REGISTRY.get_sample_value(
-        "rerank_engine_errors_total", {"engine": engine.info.name, "kind": "unavailable"}
-    )
+    c = coalescer(engine, max_wait_ms=0)
+    labels = {"engine": engine.info.name, "kind": "unavailable"}
+    before = metrics.REGISTRY.get_sample_value("rerank_engine_errors_total", labels) or 0.0
     try:
-        results = await asyncio.gather(c.score(first), c.score(second), return_exceptions=True)
+        held = await hold_in_flight(c, engine, first)  # the first batch, which will fail
+        later = asyncio.create_task(c.score(second))
+        await until(lambda: c.stats()["queued_pairs"] == 4)
+        engine.gate.set()
+        results = await asyncio.gather(held, later, return_exceptions=True)
     finally:
         await c.close()
     assert [len(call) for call in engine.calls] == [4, 4]
     assert isinstance(results[0], ServiceUnavailable)
     assert_close(results[1].scores, await alone(engine, second))
-    after = metrics.REGISTRY.get_sample_value(
-        "rerank_engine_errors_total", {"engine": engine.info.name, "kind": "unavailable"}
-    )
-    assert after == (before or 0.0) + 1
+    assert metrics.REGISTRY.get_sample_value("rerank_engine_errors_total", labels) == before + 1
 
 
 async def test_a_prompt_the_engine_rejects_fails_only_the_request_that_sent_it(onnx_engine, builder):
@@ -447,12 +496,12 @@ async def test_a_prompt_the_engine_rejects_fails_only_the_request_that_sent_it(o
 
 
 async def test_drain_refuses_new_work_and_finishes_queued_and_in_flight(engine, builder):
-    first, second = request(builder, 80, 3), request(builder, 81, 3)
+    first, ahead, second = request(builder, 80, 3), request(builder, 83, 3), request(builder, 81, 2)
     c = coalescer(engine, max_wait_ms=60_000, max_batch_pairs=3)
     try:
-        held = await hold_in_flight(c, engine, first)
+        held, sent_ahead = await fill_engine(c, engine, first, ahead)
         queued = asyncio.create_task(c.score(second))
-        await until(lambda: c.stats()["queued_pairs"] == 3)
+        await until(lambda: c.stats()["queued_pairs"] == 2)
         draining = asyncio.create_task(c.drain(30))
         await until(lambda: c.stats()["draining"])
         with pytest.raises(ServiceUnavailable):
@@ -461,10 +510,12 @@ async def test_drain_refuses_new_work_and_finishes_queued_and_in_flight(engine, 
         engine.gate.set()
         await asyncio.wait_for(draining, 30)
         assert held.done()
+        assert sent_ahead.done()
         assert queued.done()
     finally:
         await c.close()
     assert_close(held.result().scores, await alone(engine, first))
+    assert_close(sent_ahead.result().scores, await alone(engine, ahead))
     assert_close(queued.result().scores, await alone(engine, second))
 
 
