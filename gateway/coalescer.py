@@ -457,16 +457,20 @@ class Coalescer:
         """
         window = LOOKAHEAD_BATCHES * self.max_batch_pairs
         groups: dict[_DedupKey, list[_Pair]] = {}
+        scanned = 0  # only the head of the queue is looked at, so a long queue costs no more
         for pair in self._queue:
-            if not pair.request.live:
-                continue
-            group = groups.get(pair.key)
-            if group is not None:
-                group.append(pair)
-            elif len(groups) < window:
-                groups[pair.key] = [pair]
+            if pair.request.live:
+                group = groups.get(pair.key)
+                if group is not None:
+                    group.append(pair)
+                elif len(groups) < window:
+                    groups[pair.key] = [pair]
+                else:
+                    break
+            scanned += 1
         if not groups:
-            self._queue.clear()
+            for _ in range(scanned):
+                self._queue.popleft()
             return None
         keys = list(groups)  # oldest first
         rank = {key: i for i, key in enumerate(keys)}
@@ -496,7 +500,8 @@ class Coalescer:
                 best, best_key = (lo, hi), key
         chosen = {key: groups[key] for key in sorted(by_length[best[0] : best[1] + 1], key=rank.__getitem__)}
         taken = {id(pair) for group in chosen.values() for pair in group}
-        self._queue = deque(p for p in self._queue if p.request.live and id(p) not in taken)
+        head = [self._queue.popleft() for _ in range(scanned)]
+        self._queue.extendleft(reversed([p for p in head if p.request.live and id(p) not in taken]))
         return self._prepare(chosen)
 
     def _prepare(self, groups: dict[_DedupKey, list[_Pair]]) -> _Batch | None:
