@@ -38,8 +38,8 @@ help:  ## List the targets.
 setup:  ## Create .venv with every extra (torch CPU build).
 	bash scripts/setup.sh
 
-run:  ## Serve the gateway on HOST:PORT (RERANK_MODEL_PATH or RERANK_MODEL; RERANK_VLLM_URL adds vLLM).
-	$(CLI) serve --host $(HOST) --port $(PORT)
+run:  ## Set up .venv if needed and serve on HOST:PORT (RERANK_MODEL_PATH or RERANK_MODEL; RERANK_VLLM_URL adds vLLM).
+	bash scripts/serve.sh --host $(HOST) --port $(PORT)
 
 local-run:  ## Rank DOCS against QUERY in this process (ONNX engine).
 	$(CLI) rank --query "$(QUERY)" --docs-file $(DOCS) --top-k $(TOP_K) --normalize
