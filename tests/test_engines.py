@@ -267,3 +267,14 @@ def test_reference_source_prefers_explicit_then_hf_folder_then_export_source(
     assert reference_source(tiny_model_dir, make_settings()) == str(tiny_hf_dir.resolve())
     hub = make_settings(model_path=None, model="mixedbread-ai/mxbai-rerank-base-v2")
     assert reference_source(None, hub) == "mixedbread-ai/mxbai-rerank-base-v2"
+
+
+async def test_int8_score_of_a_prompt_does_not_depend_on_its_batch(onnx_int8, short_prompts):
+    """Dynamic int8 scales activations per tensor, so the engine runs int8 prompts alone."""
+    prompts = short_prompts[:8]
+    batched = (await onnx_int8.score(prompts)).scores
+    alone = [(await onnx_int8.score([p])).scores[0] for p in prompts]
+    reversed_batch = (await onnx_int8.score(prompts[::-1])).scores[::-1]
+    assert np.max(np.abs(np.array(batched) - np.array(alone))) < 1e-5
+    assert np.max(np.abs(np.array(batched) - np.array(reversed_batch))) < 1e-5
+    assert onnx_int8.info.padded is False
