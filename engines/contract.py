@@ -32,8 +32,8 @@ PREFIX = (
     "<|im_start|>user\n"
 )
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
-YES_TOKEN = "1"
-NO_TOKEN = "0"
+YES_TOKEN = "1"  # noqa: S105 (a vocabulary token, not a secret)
+NO_TOKEN = "0"  # noqa: S105
 
 DEFAULT_MAX_LENGTH = 8192
 ESTIMATED_MAX = {
@@ -104,7 +104,9 @@ class PromptBuilder:
         self.sep_ids = self._ids(SEP)
         yes, no = self._ids(YES_TOKEN), self._ids(NO_TOKEN)
         self.yes_id, self.no_id = yes[0], no[0]
-        self.fixed_length = len(self.prefix_ids) + len(self.task_ids) + len(self.suffix_ids) + len(self.sep_ids)
+        self.fixed_length = (
+            len(self.prefix_ids) + len(self.task_ids) + len(self.suffix_ids) + len(self.sep_ids)
+        )
         if max_length + self.fixed_length > model_max_length:
             max_length = model_max_length - self.fixed_length
         if max_length <= 0:
@@ -123,7 +125,9 @@ class PromptBuilder:
         cfg_file = model_dir / "config.json"
         for f in (tok_file, cfg_file):
             if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing: a model folder needs tokenizer.json and config.json")
+                raise FileNotFoundError(
+                    f"{f} is missing: a model folder needs tokenizer.json and config.json"
+                )
         config = json.loads(cfg_file.read_text())
         return cls(
             Tokenizer.from_file(str(tok_file)),
@@ -161,7 +165,7 @@ class PromptBuilder:
         pair_cap = self.max_length - len(q_ids)
         out = []
         doc_id_lists = self._ids_batch([DOC_PROMPT.format(document=d) for d in documents])
-        for document, d_ids in zip(documents, doc_id_lists):
+        for document, d_ids in zip(documents, doc_id_lists, strict=True):
             truncated = q_truncated or len(d_ids) > doc_cap
             d_ids = d_ids[:doc_cap]
             body = q_ids + (self.sep_ids + d_ids)[:pair_cap]
@@ -170,8 +174,6 @@ class PromptBuilder:
             out.append(Prompt(query, document, instruction or None, tuple(ids), truncated))
         return out
 
-    def build_pairs(
-        self, pairs: Sequence[tuple[str, str]], instruction: str | None = None
-    ) -> list[Prompt]:
+    def build_pairs(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[Prompt]:
         """Prompts for arbitrary (query, document) pairs, in input order."""
         return [self.build(q, [d], instruction)[0] for q, d in pairs]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 DEFAULT_MODEL = "mixedbread-ai/mxbai-rerank-base-v2"
 EngineName = Literal["onnx", "reference", "vllm"]
@@ -29,7 +28,9 @@ class Settings(BaseSettings):
     # --- model -----------------------------------------------------------------------------------
     model: str = Field(DEFAULT_MODEL, description="Hub id of the model (used when model_path is unset).")
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    model_path: Path | None = Field(None, description="A prepared local model folder (rerank-gateway export).")
+    model_path: Path | None = Field(
+        None, description="A prepared local model folder (rerank-gateway export)."
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where exported models are kept.")
     served_model_name: str | None = Field(
         None, description="Name clients use in `model`; defaults to `model`."
@@ -37,11 +38,17 @@ class Settings(BaseSettings):
     model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Other names accepted in a request's `model` (comma separated)."
     )
-    estimated_max: float | None = Field(None, description="Normalization constant; from the model id if unset.")
+    estimated_max: float | None = Field(
+        None, description="Normalization constant; from the model id if unset."
+    )
     max_length: int = Field(8192, ge=1, description="The contract's max_length (query + document tokens).")
     quantization: Literal["int8", "fp32"] = Field("int8", description="Which ONNX graph to serve.")
-    auto_export: bool = Field(True, description="Export the hub model on first start if no prepared copy exists.")
-    verify_hashes: bool = Field(True, description="Check every model file's sha256 against the manifest at load.")
+    auto_export: bool = Field(
+        True, description="Export the hub model on first start if no prepared copy exists."
+    )
+    verify_hashes: bool = Field(
+        True, description="Check every model file's sha256 against the manifest at load."
+    )
 
     # --- engines ---------------------------------------------------------------------------------
     engine: EngineName | None = Field(
@@ -90,7 +97,9 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(100_000, ge=1)
     max_query_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(20_000_000, ge=1)
-    max_chunks_per_doc_limit: int = Field(64, ge=1, description="Upper bound on a request's max_chunks_per_doc.")
+    max_chunks_per_doc_limit: int = Field(
+        64, ge=1, description="Upper bound on a request's max_chunks_per_doc."
+    )
     chunk_tokens: int = Field(
         512, ge=16, description="Document tokens per chunk when a request asks for chunking."
     )

