@@ -41,6 +41,7 @@ EXPORT_REQUIREMENTS = (
     "transformers==4.57.6",
     "onnx==1.23.2",
     "onnxscript==0.7.2",
+    "onnx-ir==1.1.0",
     "safetensors==0.8.0",
 )
 # Local packages every container imports (gateway/static holds the offline docs assets when filled).

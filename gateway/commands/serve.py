@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     from engines.model_store import resolve_model
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     # Resolved before uvicorn starts, so a missing model is one clear error line, not a lifespan traceback.
     model_dir = resolve_model(settings)
     app = create_app(settings, model_dir=model_dir)
+    # uvicorn drains on SIGTERM, restores the handler it found, then re-raises the signal. With SIGTERM
+    # ignored beforehand that re-raise is a no-op, so a completed drain exits 0 instead of dying by signal
+    # 15 (uvicorn still catches SIGTERM itself while it serves).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     uvicorn.run(
         app,
         host=settings.host,
