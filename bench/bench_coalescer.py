@@ -256,16 +256,18 @@ async def bench_model(name: str, args: argparse.Namespace) -> list[Row]:
             best: dict[str, Row] = {}
             offline, offline_how = 0.0, ""
             for _ in range(repeats):
-                rate, how = await best_offline(engine, pairs, OFFLINE_CHUNKS[name])
+                chunks = OFFLINE_CHUNKS[name] if args.offline_chunks is None else args.offline_chunks
+                rate, how = await best_offline(engine, pairs, chunks)
                 if rate > offline:
                     offline, offline_how = rate, how
-                for row in (
-                    await run_direct(engine, per_client, info),
-                    await run_coalesced(engine, per_client, info, args.max_wait_ms),
-                ):
+                for mode in args.modes:
+                    if mode == "direct":
+                        row = await run_direct(engine, per_client, info)
+                    else:
+                        row = await run_coalesced(engine, per_client, info, args.max_wait_ms)
                     if row.mode not in best or row.pairs_per_s > best[row.mode].pairs_per_s:
                         best[row.mode] = row
-            for mode in ("direct", "coalesced"):
+            for mode in args.modes:
                 rows.append(
                     dataclasses.replace(
                         best[mode], model=name, offline_pairs_per_s=offline, offline_how=offline_how
@@ -331,6 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--requests-per-client", type=int, default=None, help="Override the per-model defaults."
+    )
+    parser.add_argument(
+        "--modes",
+        default="direct,coalesced",
+        type=lambda t: [m for m in ("direct", "coalesced") if m in t.split(",")],
+        help="Which paths to measure (the offline best is always measured).",
+    )
+    parser.add_argument(
+        "--offline-chunks",
+        default=None,
+        type=levels,
+        help="Chunk sizes tried offline besides all-at-once (default per model; empty: all at once only).",
     )
     parser.add_argument("--repeats", type=int, default=None, help="Override the per-model repeats.")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
