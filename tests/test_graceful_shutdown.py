@@ -95,7 +95,7 @@ async def wait_until_ready(client: httpx.AsyncClient, process: subprocess.Popen)
 
 
 async def client_loop(
-    client: httpx.AsyncClient, worker: int, stop: asyncio.Event, out: list[Outcome]
+    client: httpx.AsyncClient, worker: int, stop: asyncio.Event, out: list[Outcome], active: dict[int, float]
 ) -> None:
     n = 0
     while not stop.is_set():
@@ -108,11 +108,12 @@ async def client_loop(
             "query": f"query {worker}",
             "documents": documents,
         }
-        sent_s = time.monotonic()
+        sent_s = active[worker] = time.monotonic()
         try:
             response = await client.post("/v1/rerank", json=payload)
         except httpx.TransportError:
             out.append(Outcome(sent_s, time.monotonic(), None, None, DOCUMENTS))
+            active.pop(worker, None)
             await asyncio.sleep(0.05)
             continue
         body = (
@@ -147,8 +148,16 @@ async def test_sigterm_under_load_loses_no_accepted_request(tiny_model_dir: Path
         ) as client:
             await wait_until_ready(client, process)
             stop = asyncio.Event()
-            workers = [asyncio.create_task(client_loop(client, w, stop, outcomes)) for w in range(CLIENTS)]
+            active: dict[int, float] = {}
+            workers = [
+                asyncio.create_task(client_loop(client, w, stop, outcomes, active)) for w in range(CLIENTS)
+            ]
             await asyncio.sleep(2.0)  # steady load: several waves of batches
+            # Clients move in waves (a batch answers them together): signal while a wave is well under way.
+            deadline = time.monotonic() + 10
+            while not any(time.monotonic() - sent_s >= ACCEPTED_MARGIN_S for sent_s in active.values()):
+                assert time.monotonic() < deadline, "no request stayed in flight long enough"
+                await asyncio.sleep(0.005)
             sigterm_s = time.monotonic()
             process.send_signal(signal.SIGTERM)
             await asyncio.sleep(1.0)  # keep sending while the server shuts down
