@@ -134,13 +134,14 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def padded_stats(calls: Sequence[Sequence[Prompt]], max_tokens: int, max_pairs: int) -> tuple[float, float]:
+def batch_stats(calls: Sequence[Sequence[Prompt]], info) -> tuple[float, float]:
     """Mean batch fill and padding share of engine calls, measured the coalescer's way."""
     fills, paddings = [], []
     for call in calls:
-        longest = max(len(p) for p in call)
-        fills.append(min(1.0, max(longest * len(call) / max_tokens, len(call) / max_pairs)))
-        paddings.append(1.0 - sum(len(p) for p in call) / (longest * len(call)))
+        longest, tokens = max(len(p) for p in call), sum(len(p) for p in call)
+        cost = longest * len(call) if info.padded else tokens
+        fills.append(min(1.0, max(cost / info.max_batch_tokens, len(call) / info.max_batch_pairs)))
+        paddings.append(1.0 - tokens / (longest * len(call)) if info.padded else 0.0)
     return statistics.fmean(fills), statistics.fmean(paddings)
 
 
@@ -204,7 +205,7 @@ def added_ms(latencies: Sequence[float], counting: CountingEngine) -> float | No
 async def run_direct(engine: OnnxEngine, per_client, info) -> Row:
     counting = CountingEngine(engine)
     wall, lat = await run_clients(counting.score, per_client)
-    fill, padding = padded_stats(counting.calls, info.max_batch_tokens, info.max_batch_pairs)
+    fill, padding = batch_stats(counting.calls, info)
     pairs = sum(len(r) for c in per_client for r in c)
     return Row("", "direct", len(per_client), sum(map(len, per_client)), pairs / wall,
                percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3, fill, padding, len(counting.calls),
