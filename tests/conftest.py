@@ -118,6 +118,15 @@ def make_settings(tiny_model_dir: Path, tmp_path: Path):
     return make
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def require_real_component(what: str, reason: str) -> None:
     """Skip a real-component test locally when `what` cannot start; with CI=true, fail loudly instead."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

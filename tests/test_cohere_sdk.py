@@ -7,7 +7,6 @@ URL + `/v2/rerank`; both send `Authorization: Bearer <api_key>`.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import cohere
 import pytest
 
 from engines.contract import PromptBuilder, normalize_score
-from tests.conftest import gateway_server
+from tests.conftest import free_port, gateway_server
 
 API_KEY = "sdk-key"
 MODEL = "rerank-v3.5"  # what Cohere users already pass; served here as an alias
@@ -27,17 +26,6 @@ DOCS = [
     "Washington, D.C. is the capital of the United States.",
     "Capital punishment has existed in the United States since before it was a country.",
 ]
-
-
-def free_port() -> int:
-    for port in range(18160, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18160-18199")
 
 
 @pytest.fixture(scope="module")

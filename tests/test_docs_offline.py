@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,20 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import gateway_server, require_real_component
+from tests.conftest import free_port, gateway_server, require_real_component
 
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
-
-
-def free_port() -> int:
-    for port in range(18170, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18170-18199")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, require_real_component
+from tests.conftest import REPO_ROOT, free_port, require_real_component
 
-PORTS = range(18210, 18240)
 MAX_WAIT_MS = 400  # every batch waits this long for company, so work is queued when SIGTERM lands
 DRAIN_TIMEOUT_S = 20.0
 CLIENTS = 12
@@ -43,17 +41,6 @@ class Outcome:
     status: int | None  # None: the connection was refused or closed
     body: dict | None
     documents: int
-
-
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def well_formed(outcome: Outcome) -> bool:

@@ -7,7 +7,6 @@ composition cannot move a score), normalized ones against normalize_score of tho
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from engines.contract import PromptBuilder, normalize_score
-from tests.conftest import gateway_server
+from tests.conftest import free_port, gateway_server
 
 ESTIMATED_MAX = 7.0
 CHUNK_TOKENS = 16
@@ -37,18 +36,6 @@ WORDS = [
     "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform",
     "victor", "whiskey", "xray", "yankee", "zulu",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    """A free port in this module's range (18100-18199)."""
-    for port in range(18110, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18110-18199")
 
 
 def long_text(n_words: int, offset: int = 0) -> str:

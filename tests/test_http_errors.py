@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import gateway_server
+from tests.conftest import free_port, gateway_server
 
 KEY = "key-two"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -21,17 +21,6 @@ MAX_QUERY_CHARS = 100
 MAX_BODY_BYTES = 4000
 MAX_CHUNKS = 4
 GOOD = {"query": "how to keep bread fresh", "documents": ["Bread keeps in a bag.", "Coffee is hot."]}
-
-
-def free_port() -> int:
-    for port in range(18130, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18130-18199")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ every response (body, content type, headers) must match the spec.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from schemathesis.checks import (
 
 from gateway.app import create_app
 from gateway.config import Settings
-from tests.conftest import gateway_server
+from tests.conftest import free_port, gateway_server
 
 CHECKS = [
     not_a_server_error,
@@ -36,17 +35,6 @@ CHECKS = [
     response_headers_conformance,
     negative_data_rejection,
 ]
-
-
-def free_port() -> int:
-    for port in range(18180, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18180-18199")
 
 
 @pytest.fixture(scope="module")

@@ -38,23 +38,11 @@ from engines.router import CircuitBreaker, CircuitState, RoutedEngine
 from engines.vllm_engine import VllmEngine
 from engines.vllm_launch import HF_OVERRIDES, build_argv, options_from_env
 from gateway import metrics
+from tests.conftest import free_port
 
-PORTS = range(18000, 18050)
 TOLERANCE = 1e-5
 # Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
 HANG_BOUND_S = 10.0
-
-
-def free_port() -> int:
-    """A port of this module's range that nothing listens on."""
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def sample(metric, **labels) -> float:

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import gc
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import pytest
 
 from engines.contract import PromptBuilder
 from tests.cases import Case, pair_of_prompt_tokens, short_cases, text_of_tokens
-from tests.conftest import gateway_server, require_real_component
+from tests.conftest import free_port, gateway_server, require_real_component
 from tests.vllm_sidecar import SidecarError, VllmSidecar, missing_reason
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -50,17 +49,6 @@ GATEWAY_ENV = {
     "RERANK_BREAKER_RESET_MS": "1500",
     "RERANK_REQUEST_TIMEOUT_MS": "120000",
 }
-
-
-def free_port(lo: int, hi: int) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi - 1}")
 
 
 def log(message: str) -> None:
@@ -144,7 +132,7 @@ def sidecar(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         require_real_component("vLLM", reason)
     server = VllmSidecar(
         tiny_hf_dir,
-        port=free_port(18050, 18060),
+        port=free_port(),
         work_dir=tmp_path_factory.mktemp("vllm-sidecar"),
         served_model_name=SERVED,
     )
@@ -163,7 +151,7 @@ def sidecar(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def gateway(sidecar: VllmSidecar, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     env = {**GATEWAY_ENV, "RERANK_VLLM_URL": sidecar.base_url}
     work = tmp_path_factory.mktemp("gateway")
-    with gateway_server(free_port(18060, 18070), tiny_model_dir, work, env=env) as url:
+    with gateway_server(free_port(), tiny_model_dir, work, env=env) as url:
         yield url
 
 
