@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "gateway.commands.batch",
     "gateway.commands.client",
     "gateway.commands.export",
+    "gateway.commands.prepare",
     "gateway.commands.vllm",
     "gateway.commands.bench",
 )
