@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from gateway.errors import InvalidRequest
+from gateway.service import RerankQuery
 
 # --- errors -------------------------------------------------------------------------------------------
 
@@ -191,3 +192,20 @@ def json_type(value: Any) -> str:
 
 # The ranked document as sent: `{"text": ...}` for a string, the object itself (all its fields) otherwise.
 ResultDocument = dict[str, Any]
+
+
+def options_to_query(req: RerankOptions) -> tuple[RerankQuery, ParsedDocuments]:
+    """The dialect-free query of a Cohere or Jina request, and the documents to echo."""
+    docs = parse_documents(req.documents, req.rank_fields)
+    return (
+        RerankQuery(
+            query=req.query,
+            documents=docs.texts,
+            instruction=req.instruction,
+            top_n=req.top_n,
+            max_tokens_per_doc=req.max_tokens_per_doc,
+            max_chunks_per_doc=req.max_chunks_per_doc,
+            raw_scores=req.raw_scores,
+        ),
+        docs,
+    )

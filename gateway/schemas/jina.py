@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from gateway.schemas.common import ParsedDocuments, RerankOptions, ResultDocument, parse_documents
+from gateway.schemas.common import ParsedDocuments, RerankOptions, ResultDocument, options_to_query
 from gateway.service import RerankOutcome, RerankQuery
 
 
@@ -50,19 +50,7 @@ class JinaResponse(BaseModel):
 
 def to_query(req: JinaRequest) -> tuple[RerankQuery, ParsedDocuments]:
     """The dialect-free query, and the documents to echo."""
-    docs = parse_documents(req.documents, req.rank_fields)
-    return (
-        RerankQuery(
-            query=req.query,
-            documents=docs.texts,
-            instruction=req.instruction,
-            top_n=req.top_n,
-            max_tokens_per_doc=req.max_tokens_per_doc,
-            max_chunks_per_doc=req.max_chunks_per_doc,
-            raw_scores=req.raw_scores,
-        ),
-        docs,
-    )
+    return options_to_query(req)
 
 
 def render(
