@@ -190,7 +190,7 @@ def _slug(text: str) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive file lock, so that several workers starting at once export a model only once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(str(path) + ".lock", "w") as fh:
@@ -210,7 +210,7 @@ def _export_into_cache(source: str, target: Path, *, revision: str | None, hub_c
         )
     from engines.export import export_model
 
-    with _locked(target):
+    with file_lock(target):
         if is_prepared_dir(target):
             return target
         tmp = target.with_name(target.name + ".tmp")

@@ -7,7 +7,6 @@ keyed by the model recipe; a file lock makes concurrent test processes build it 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import inspect
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engines.model_store import file_lock
 from tests import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,21 +32,10 @@ def _recipe_key(*parts: object) -> str:
     return h.hexdigest()[:12]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cached_build(name: str, key: str, build) -> Path:
     """Build into CACHE_ROOT/name-key once (atomically: a half-built folder is never used)."""
     final = CACHE_ROOT / f"{name}-{key}"
-    with _locked(final):
+    with file_lock(final):
         if (final / ".complete").is_file():
             return final
         tmp = final.with_name(final.name + ".tmp")
