@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, clip
+from gateway.http_server import DrainController, DrainMiddleware
 from gateway.schemas import invalid_request_from_errors
 
 if TYPE_CHECKING:
@@ -106,10 +107,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         message = (
-            f"no route {request.url.path}: see /docs for the routes (POST /v1/rerank, /rerank, /v2/rerank)"
+            f"no route {clip(request.url.path)}: see /docs for the routes "
+            "(POST /v1/rerank, /rerank, /v2/rerank)"
         )
     elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}: see /docs"
+        message = f"{request.method} is not allowed on {clip(request.url.path)}: see /docs"
     else:
         message = str(exc.detail)
     error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
@@ -148,7 +150,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load, start and warm the engine before the first request; drain and close it at shutdown."""
     from engines.contract import PromptBuilder
     from gateway.local import estimated_max_of
-    from gateway.service import RerankService
+    from gateway.service import RerankService, with_served_name
 
     settings: Settings = app.state.settings
     model_dir: Path | None = app.state.model_dir
@@ -156,6 +158,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from engines.model_store import resolve_model
 
         model_dir = await asyncio.to_thread(resolve_model, settings)
+        settings = app.state.settings = with_served_name(settings, model_dir)
     builder = await asyncio.to_thread(PromptBuilder.from_dir, model_dir, max_length=settings.max_length)
     engine: Engine | None = app.state.engine
     if engine is None:
@@ -189,10 +192,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if service is not None:
             service.ready = False
+        # After a SIGTERM drain only what is left of its budget: the process must exit soon after the
+        # deadline even when the engine is busy (an onnxruntime run cannot be interrupted).
+        drain: DrainController = app.state.drain
         if coalescer is not None:
-            await coalescer.drain(settings.drain_timeout_s)
+            await coalescer.drain(drain.time_left_s(settings.drain_timeout_s))
             await coalescer.close()
-        await engine.close()
+        try:
+            await asyncio.wait_for(engine.close(), drain.time_left_s(settings.drain_timeout_s) or 0.01)
+        except asyncio.TimeoutError:
+            log.warning("the engine was still busy at the end of the drain; exiting without waiting for it")
 
 
 def _install_observability(app: FastAPI, settings: Settings) -> None:
@@ -223,10 +232,15 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
         redoc_url=None,
         lifespan=lifespan,
     )
+    if model_dir is not None:
+        from gateway.service import with_served_name
+
+        settings = with_served_name(settings, Path(model_dir))
     app.state.settings = settings
     app.state.model_dir = Path(model_dir) if model_dir is not None else None
     app.state.engine = engine
     app.state.service = None
+    app.state.drain = DrainController()
 
     app.include_router(rerank.router)
     app.include_router(health.router)
@@ -236,7 +250,9 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     install_docs(app)
-    install_openapi(app, rerank.REQUEST_BODY_MODELS, auth_enabled=bool(settings.api_keys))
+    install_openapi(app, rerank.REQUEST_BODY_MODELS, auth_enabled=bool(settings.api_keys), settings=settings)
+    # Inside the metrics and request-id middleware, so a request cut by the drain is counted and has an id.
+    app.add_middleware(DrainMiddleware, controller=app.state.drain)
     _install_observability(app, settings)
     app.add_middleware(RequestIdMiddleware)
     return app

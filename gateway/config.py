@@ -105,6 +105,26 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
 
+    # --- connections (gateway/http_server.py) -------------------------------------------------------
+    header_read_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers must arrive within this time of its first byte (408)."
+    )
+    body_read_timeout_s: float = Field(
+        60.0, gt=0, description="A request's whole body must arrive within this time of its headers (408)."
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1_024, description="Request line plus headers; larger requests get 431."
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open client connections; past it the longest-idle connection is closed to make room "
+        "(503 when every one is busy). Default: 1000, or fewer to stay under the open-files limit.",
+    )
+
     @field_validator("model_aliases", "api_keys", mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:

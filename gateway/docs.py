@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -17,6 +17,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 STATIC_URL = "/static/docs"
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js")
@@ -83,10 +86,17 @@ def json_body(models: list[type[BaseModel]], description: str) -> dict[str, Any]
     }
 
 
-def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]], *, auth_enabled: bool) -> None:
+def install_openapi(
+    app: FastAPI,
+    extra_models: list[type[BaseModel]],
+    *,
+    auth_enabled: bool,
+    settings: Settings | None = None,
+) -> None:
     """Generate the spec once, adding the schemas of models that routes reference by hand.
 
-    Without API keys the Bearer scheme is left out, so the spec says what the server does: no auth.
+    Without API keys the Bearer scheme is left out, so the spec says what the server does: no auth. With
+    `settings`, the request schemas carry this server's limits (see `describe_request_limits`).
     """
 
     def openapi() -> dict[str, Any]:
@@ -102,6 +112,8 @@ def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]], *, auth_e
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         for name, schema in defs.get("$defs", {}).items():
             schemas.setdefault(name, schema)
+        if settings is not None:
+            describe_request_limits(schemas, settings)
         if not auth_enabled:
             spec["components"].pop("securitySchemes", None)
             for operations in spec.get("paths", {}).values():
@@ -111,3 +123,65 @@ def install_openapi(app: FastAPI, extra_models: list[type[BaseModel]], *, auth_e
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# Request schemas of the query + documents dialects (Cohere v1/v2, Jina) and of TEI.
+DOCUMENTS_DIALECTS = ("CohereV1Request", "CohereV2Request", "JinaRequest")
+TEI_DIALECT = "TeiRequest"
+# What the server refuses although no JSON Schema can say it, because it depends on other values of the
+# body: a document object that has none of the `rank_fields` (400 `missing_rank_field`).
+CROSS_FIELD_RULES = (
+    "A document object must hold at least one of `rank_fields` (else 400 `missing_rank_field`)."
+)
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of a pydantic `X | None` property (the property itself when it has none)."""
+    for branch in schema.get("anyOf", ()):
+        if branch.get("type") != "null":
+            return branch
+    return schema
+
+
+def describe_request_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """Put what the server enforces into the request schemas, so that schema-valid means accepted.
+
+    The limits come from the settings (RERANK_MAX_*); the rest is what the handler checks beyond pydantic:
+    without `rank_fields` a document object needs a string `text`; `rank_fields` names at least one field;
+    a body with `texts` is TEI, so the other dialects cannot carry it; `return_raw_scores` is the alias of
+    `raw_scores`.
+    """
+    doc_chars = settings.max_document_chars
+    string_doc = {"type": "string", "maxLength": doc_chars}
+    object_doc = {"type": "object", "additionalProperties": True}
+    text_doc = {
+        "type": "object",
+        "required": ["text"],
+        "properties": {"text": {"type": "string", "maxLength": doc_chars}},
+        "additionalProperties": True,
+    }
+    for name in DOCUMENTS_DIALECTS:
+        schema = schemas.get(name)
+        if schema is None:
+            continue
+        props = schema["properties"]
+        props["query"]["maxLength"] = settings.max_query_chars
+        props["documents"]["maxItems"] = settings.max_documents_per_request
+        props["documents"]["items"] = {"anyOf": [string_doc, object_doc]}
+        _nullable(props["rank_fields"])["minItems"] = 1
+        _nullable(props["max_chunks_per_doc"])["maximum"] = settings.max_chunks_per_doc_limit
+        props["return_raw_scores"] = {
+            "type": "boolean",
+            "description": "Same as `raw_scores` (vLLM's name); when both are sent, `raw_scores` wins.",
+        }
+        schema["not"] = {"required": ["texts"]}
+        # Without rank_fields (absent or null) the `text` field is ranked: objects must have it.
+        schema["if"] = {"required": ["rank_fields"], "properties": {"rank_fields": {"type": "array"}}}
+        schema["else"] = {"properties": {"documents": {"items": {"anyOf": [string_doc, text_doc]}}}}
+        schema["description"] = f"{schema.get('description', '')} {CROSS_FIELD_RULES}".strip()
+    tei = schemas.get(TEI_DIALECT)
+    if tei is not None:
+        props = tei["properties"]
+        props["query"]["maxLength"] = settings.max_query_chars
+        props["texts"]["maxItems"] = settings.max_documents_per_request
+        props["texts"]["items"] = string_doc

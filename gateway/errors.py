@@ -9,6 +9,20 @@ from __future__ import annotations
 
 from engines.base import EngineError, EngineFailure, EngineTimeout, EngineUnavailable
 
+# Client values quoted back in an error message are cut to about this many characters: a 5 MB `model` name
+# must not come back as a 5 MB 404 (or go into the log).
+ECHO_CHARS = 100
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters (the full length is said)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class GatewayError(Exception):
     """Base class: an error with an HTTP status and a message that tells the caller what to change."""
@@ -31,6 +45,20 @@ class InvalidRequest(GatewayError):
 
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class RequestTimeout(GatewayError):
+    """The client did not send the whole request in time (408)."""
+
+    status_code = 408
+    error_type = "request_timeout"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The body is not declared as JSON (415)."""
+
+    status_code = 415
+    error_type = "unsupported_media_type"
 
 
 class Unauthorized(GatewayError):
@@ -83,6 +111,15 @@ class UpstreamFailure(GatewayError):
 
     status_code = 502
     error_type = "upstream_error"
+
+
+class ShuttingDown(ServiceUnavailable):
+    """The drain deadline passed before the request was answered (503 with Retry-After)."""
+
+    error_type = "shutting_down"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}
 
 
 class GatewayTimeout(ServiceUnavailable):

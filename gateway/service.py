@@ -11,11 +11,19 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from engines.base import Engine, EngineError, Scored
 from engines.contract import DOC_PROMPT, Prompt, PromptBuilder, normalize_score
-from gateway.errors import GatewayTimeout, InvalidRequest, ModelNotFound, PayloadTooLarge, from_engine_error
+from gateway.errors import (
+    GatewayTimeout,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    clip,
+    from_engine_error,
+)
 from gateway.metrics import DOCUMENTS_CHUNKED, DOCUMENTS_TRUNCATED
 from gateway.ranking import rank_indices
 
@@ -281,9 +289,43 @@ class RerankService:
 
 
 def served_names(settings: Settings) -> list[str]:
-    """Every name a request's `model` may use: the served name first, then the hub id and the aliases."""
-    names = [settings.public_model_name, settings.model, *settings.model_aliases]
+    """Every name a request's `model` may use: the served name first, then the hub id and the aliases.
+
+    RERANK_MODEL counts only when it is what is served (no RERANK_MODEL_PATH) or was set explicitly: a
+    default hub id must not be announced for a folder that holds another model.
+    """
+    names = [settings.public_model_name]
+    if settings.model_path is None or "model" in settings.model_fields_set:
+        names.append(settings.model)
+    names.extend(settings.model_aliases)
     return list(dict.fromkeys(n for n in names if n))
+
+
+def manifest_model_name(model_dir: Path) -> str | None:
+    """The name a prepared folder's manifest gives its model: the hub id, or a local source's folder name."""
+    from engines.base import ModelPreparationError
+    from engines.model_store import load_manifest
+
+    try:
+        source = load_manifest(model_dir).source
+    except (ModelPreparationError, OSError, ValueError):
+        return None  # the engine reports a broken folder itself, with a better message
+    if not isinstance(source, str) or not source.strip():
+        return None
+    source = source.strip()
+    # A hub id is `owner/name`; anything else is a path on the exporting machine: its last part names it.
+    is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
+    return source if is_hub_id else (PurePath(source.replace("\\", "/")).name or None)
+
+
+def with_served_name(settings: Settings, model_dir: Path) -> Settings:
+    """Settings naming the served model: RERANK_SERVED_MODEL_NAME, else the manifest's source, else the id."""
+    if settings.served_model_name:
+        return settings
+    name = manifest_model_name(model_dir)
+    if not name or name == settings.model:
+        return settings
+    return settings.model_copy(update={"served_model_name": name})
 
 
 def check_model_name(settings: Settings, name: str | None) -> None:
@@ -293,7 +335,7 @@ def check_model_name(settings: Settings, name: str | None) -> None:
     names = served_names(settings)
     if name not in names:
         raise ModelNotFound(
-            f"model {name!r} is not served here: use {names[0]!r} or leave `model` out"
+            f"model {clip(name)} is not served here: use {names[0]!r} or leave `model` out"
             + (f" (also accepted: {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else "")
             + "; more names can be added with RERANK_MODEL_ALIASES",
             param="model",

@@ -84,6 +84,8 @@ def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RERANK_CHUNK_TOKENS": str(CHUNK_TOKENS),
         "RERANK_MAX_LENGTH": str(MAX_LENGTH),
         "RERANK_MODEL_ALIASES": f"{ALIAS},my-reranker",
+        # The tiny model's manifest names a test folder; serve it under the hub name the tests use.
+        "RERANK_SERVED_MODEL_NAME": SERVED,
     }
     with gateway_server(free_port(), tiny_model_dir, tmp_path_factory.mktemp("dialects"), env=env) as u:
         yield u

@@ -21,6 +21,7 @@ MAX_QUERY_CHARS = 100
 MAX_BODY_BYTES = 4000
 MAX_CHUNKS = 4
 GOOD = {"query": "how to keep bread fresh", "documents": ["Bread keeps in a bag.", "Coffee is hot."]}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +198,13 @@ def test_deeply_nested_json_within_the_size_limit_is_400(client):
     depth = MAX_BODY_BYTES // 2 - 40
     content = b'{"query": "q", "documents": ' + b"[" * depth + b"]" * depth + b"}"
     assert len(content) <= MAX_BODY_BYTES
-    response = client.post("/rerank", content=content, headers=AUTH)
-    assert_error(response, 400, "invalid_request_error", None, "nested too deeply")
+    response = client.post("/rerank", content=content, headers={**AUTH, **JSON})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "nested_too_deeply"
+    assert error["param"].startswith("documents[0][0]")
+    assert "nested too deeply" in error["message"]
+    assert "64 levels" in error["message"]
 
 
 def test_body_over_the_limit_is_413_from_content_length(client):
@@ -214,7 +220,7 @@ def test_body_over_the_limit_is_413_while_streaming_without_content_length(clien
             yield b"x" * 100
         yield b'"]}'
 
-    response = client.post("/rerank", content=chunks(), headers=AUTH)
+    response = client.post("/rerank", content=chunks(), headers={**AUTH, **JSON})
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "payload_too_large", None, "RERANK_MAX_BODY_BYTES")
 

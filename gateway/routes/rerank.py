@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, Union
 
@@ -14,7 +13,8 @@ from pydantic import ValidationError
 from gateway.auth import ApiKeyDep
 from gateway.disconnect import run_until_disconnected
 from gateway.docs import json_body
-from gateway.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from gateway.errors import ServiceUnavailable
+from gateway.jsonbody import OFFLOAD_BYTES, parse_object_async, read_body, require_json
 from gateway.schemas import (
     DIALECT_HEADER,
     DIALECT_RULE,
@@ -34,9 +34,6 @@ from gateway.schemas.tei import TeiRequest, TeiResponse
 from gateway.service import RerankService, check_model_name
 
 router = APIRouter(tags=["rerank"])
-
-# Bodies from this size on are parsed and validated in a worker thread.
-OFFLOAD_BYTES = 256 * 1024
 
 REQUEST_BODY_MODELS = [CohereV1Request, CohereV2Request, JinaRequest, TeiRequest]
 RESPONSE_MODEL = Union[CohereV1Response, CohereV2Response, JinaResponse, TeiResponse]  # noqa: UP007
@@ -65,13 +62,21 @@ def _error(description: str) -> dict[str, Any]:
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Ranked documents, best first, in the request's dialect.", "headers": _HEADERS_DOC},
-    400: _error("Invalid JSON, a missing or mistyped field, empty documents, top_n < 1 (`param` names it)."),
+    400: _error(
+        "Invalid JSON, a missing or mistyped field, empty documents, top_n < 1, invalid Unicode, a number "
+        "over 4,300 digits, nesting over 64 levels (`param` names the field)."
+    ),
     401: _error("Missing or wrong API key (only when RERANK_API_KEYS is set)."),
     404: _error("`model` names a model this gateway does not serve."),
+    408: _error("The body did not arrive within RERANK_BODY_READ_TIMEOUT_S."),
     413: _error("Body, document count, document or query over the configured limits."),
+    415: _error("The body is not sent as `Content-Type: application/json`."),
     429: _error("The queue is full; retry after the Retry-After header."),
     502: _error("The engine answered with an error."),
-    503: _error("No engine can answer now, or the request's deadline passed."),
+    503: _error(
+        "No engine can answer now, the request's deadline passed, or the gateway is shutting down "
+        "(with Retry-After)."
+    ),
 }
 
 _ROUTE_NOTES = {
@@ -81,20 +86,20 @@ _ROUTE_NOTES = {
 }
 
 
-_DIALECT_PARAMETER = {
-    "name": DIALECT_HEADER,
-    "in": "header",
-    "required": False,
-    "description": "Optional: the dialect to speak, overriding the route and body rule.",
-    "schema": {"type": "string", "enum": list(DIALECTS)},
-}
+# The X-Rerank-Dialect header is described in words, not as a header parameter: it decides which request
+# schema the body must match, which OpenAPI cannot express (as a parameter, a valid header with a body of
+# another dialect would look schema-valid and get a 400).
+_HEADER_NOTE = (
+    f" The optional `{DIALECT_HEADER}` header ({', '.join(DIALECTS)}) forces a dialect; the body must then "
+    "be that dialect's request."
+)
 
 
 def _openapi(path: str) -> dict[str, Any]:
     extra = json_body(
-        REQUEST_BODY_MODELS, "One of the dialects' requests; unknown fields are ignored. " + DIALECT_RULE
+        REQUEST_BODY_MODELS,
+        "One of the dialects' requests; unknown fields are ignored. " + DIALECT_RULE + _HEADER_NOTE,
     )
-    extra["parameters"] = [_DIALECT_PARAMETER]
     return {
         "response_model": RESPONSE_MODEL,
         "responses": RESPONSES,
@@ -103,54 +108,18 @@ def _openapi(path: str) -> dict[str, Any]:
     }
 
 
-async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object, refusing more than `max_bytes` (from Content-Length and while reading)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(
-            f"the body has {int(declared)} bytes; this server takes at most {max_bytes} "
-            "(RERANK_MAX_BODY_BYTES): send fewer or shorter documents",
-            code="body_too_large",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(
-                f"the body is over {max_bytes} bytes (RERANK_MAX_BODY_BYTES): "
-                "send fewer or shorter documents",
-                code="body_too_large",
-            )
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+async def read_json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 415 unless declared JSON, 413 over the limits, 408 when too slow."""
+    settings = request.app.state.settings
+    require_json(request.headers.get("content-type"))
+    raw = await read_body(
+        request.stream(),
+        declared_length=request.headers.get("content-length"),
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_read_timeout_s,
+    )
     request.state.body_bytes = len(raw)
-    if not raw.strip():
-        raise InvalidRequest(
-            'the request body is empty: send a JSON object such as {"query": "...", "documents": ["..."]}',
-            code="empty_body",
-        )
-    try:
-        # A body of many megabytes takes long enough to parse that it must not stall the event loop.
-        payload = json.loads(raw) if len(raw) < OFFLOAD_BYTES else await asyncio.to_thread(json.loads, raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            code="invalid_json",
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidRequest(
-            "the request body is not UTF-8 text: send JSON in UTF-8", code="invalid_json"
-        ) from None
-    except RecursionError:
-        raise InvalidRequest("the request body is nested too deeply", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest(
-            'the request body must be a JSON object such as {"query": "...", "documents": ["..."]}, '
-            f"got {type(payload).__name__}",
-            code="invalid_json",
-        )
-    return payload
+    return await parse_object_async(raw, max_documents=settings.max_documents_per_request)
 
 
 async def rerank(request: Request) -> Response:
@@ -158,12 +127,13 @@ async def rerank(request: Request) -> Response:
     state = request.app.state
     path = request.scope["route"].path
     request.state.dialect = route_dialect(path)
-    payload = await read_json_body(request, state.settings.max_body_bytes)
+    payload = await read_json_body(request)
     dialect = detect_dialect(path, payload, request.headers)
     request.state.dialect = dialect
     try:
         model = REQUEST_MODELS[dialect]
         big = request.state.body_bytes >= OFFLOAD_BYTES
+        # Pydantic holds the GIL; on a large body a worker thread at least lets the event loop interleave.
         req = await asyncio.to_thread(model.model_validate, payload) if big else model.model_validate(payload)
     except ValidationError as exc:
         raise invalid_request_from(exc) from None

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, clip
 from gateway.schemas.cohere import CohereV1Request, CohereV2Request
 from gateway.schemas.jina import JinaRequest
 from gateway.schemas.tei import TeiRequest
@@ -66,7 +66,7 @@ def detect_dialect(path: str, payload: Mapping[str, Any], headers: Mapping[str, 
         name = explicit.strip().lower()
         if name not in DIALECTS:
             raise InvalidRequest(
-                f"unknown dialect {explicit!r} in the X-Rerank-Dialect header: use one of "
+                f"unknown dialect {clip(explicit)} in the X-Rerank-Dialect header: use one of "
                 + ", ".join(DIALECTS),
                 param=DIALECT_HEADER,
                 code="unknown_dialect",
@@ -138,9 +138,9 @@ def invalid_request_from_errors(
         bound = ctx.get("ge", ctx.get("gt"))
         op = ">=" if kind == "greater_than_equal" else ">"
         hint = "; leave it out to get every document" if param == "top_n" else ""
-        message = f"`{param}` must be {op} {bound}, got {err.get('input')!r}{hint}"
+        message = f"`{param}` must be {op} {bound}, got {clip(err.get('input'))}{hint}"
     elif kind == "literal_error":
-        message = f"`{param}` must be one of {ctx.get('expected', '')}, got {err.get('input')!r}"
+        message = f"`{param}` must be one of {ctx.get('expected', '')}, got {clip(err.get('input'))}"
     else:
         message = f"`{param}`: {err.get('msg', 'invalid value')}"
     return InvalidRequest(message, param=param, code="invalid_" + (kind or "value"))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, clip
 from gateway.service import RerankQuery
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -35,6 +35,20 @@ class ErrorResponse(BaseModel):
 
 
 # --- request fields shared by the query + documents dialects -------------------------------------------
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's `integer` includes 3.0; strict validation refuses every other float, bool and string."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# A count as the spec says it: an integer >= 1 (3 and 3.0, never true or "3"). The bound sits inside the
+# annotation: outside it, pydantic cannot put `minimum` into the JSON Schema through the before-validator.
+Count = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+# Request models validate strictly: what the OpenAPI spec calls an integer or a boolean must be one.
+STRICT_REQUEST = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 DOCUMENTS_SCHEMA = {
     "type": "array",
@@ -59,7 +73,7 @@ DOCUMENTS_SCHEMA = {
 class RerankOptions(BaseModel):
     """Fields every query + documents dialect accepts (Cohere v1/v2, Jina/vLLM), plus mxbai extras."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = STRICT_REQUEST
 
     model: str | None = Field(
         None,
@@ -67,8 +81,8 @@ class RerankOptions(BaseModel):
     )
     query: str = Field(description="The search query.")
     documents: list[Any] = Field(json_schema_extra=DOCUMENTS_SCHEMA)
-    top_n: int | None = Field(
-        None, ge=1, description="Return only the `top_n` best documents (default: all of them)."
+    top_n: Count | None = Field(
+        None, description="Return only the `top_n` best documents (default: all of them)."
     )
     rank_fields: list[str] | None = Field(
         None,
@@ -77,12 +91,11 @@ class RerankOptions(BaseModel):
             "value; several are joined as `field: value` lines. Default: the `text` field."
         ),
     )
-    max_tokens_per_doc: int | None = Field(
-        None, ge=1, description="Cut each document to this many tokens before scoring."
+    max_tokens_per_doc: Count | None = Field(
+        None, description="Cut each document to this many tokens before scoring."
     )
-    max_chunks_per_doc: int | None = Field(
+    max_chunks_per_doc: Count | None = Field(
         None,
-        ge=1,
         description=(
             "Split long documents into chunks of the server's chunk size (RERANK_CHUNK_TOKENS tokens), "
             "score at most this many chunks per document, and give each document its best chunk's score. "
@@ -148,8 +161,8 @@ def parse_documents(
             present = [f for f in rank_fields if item.get(f) is not None]
             if not present:
                 raise InvalidRequest(
-                    f"`{where}` has none of the rank_fields {list(rank_fields)}: add one of them to the "
-                    "document or change `rank_fields`",
+                    f"`{where}` has none of the rank_fields {clip(list(rank_fields))}: add one of them to "
+                    "the document or change `rank_fields`",
                     param=where,
                     code="missing_rank_field",
                 )

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, Field, RootModel, field_validator
 
-from gateway.schemas.common import ParsedDocuments, parse_documents
+from gateway.schemas.common import STRICT_REQUEST, Count, ParsedDocuments, parse_documents
 from gateway.service import RerankOutcome, RerankQuery
 
 
 class TeiRequest(BaseModel):
     """TEI rerank request (plus the mxbai extras `instruction`, `model`, `top_n`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_REQUEST
 
     query: str = Field(description="The search query.")
     texts: list[str] = Field(description="The texts to rank.", json_schema_extra={"minItems": 1})
@@ -35,13 +35,14 @@ class TeiRequest(BaseModel):
         "right", description="Which end of a text `truncate: true` removes: right keeps the beginning."
     )
     model: str | None = Field(None, description="Optional; when given, the served name or an alias.")
-    top_n: int | None = Field(None, ge=1, description="mxbai extra: keep only the best `top_n` texts.")
+    top_n: Count | None = Field(None, description="mxbai extra: keep only the best `top_n` texts.")
     instruction: str | None = Field(None, description="mxbai extra: instruction put before the query.")
 
     @field_validator("truncation_direction", mode="before")
     @classmethod
-    def _direction_any_case(cls, v: object) -> object:
-        return v.lower() if isinstance(v, str) and v.lower() in ("left", "right") else v
+    def _direction_either_case(cls, v: object) -> object:
+        # TEI (serde) spells them Left / Right; lower case is accepted too, nothing else (as the spec says).
+        return {"Left": "left", "Right": "right"}.get(v, v) if isinstance(v, str) else v
 
 
 class TeiRank(BaseModel):
