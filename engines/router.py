@@ -206,6 +206,9 @@ class RoutedEngine:
         try:
             await self.primary.start()
         except EngineError as exc:
+            if self.config_problem is not None:
+                # Up but misconfigured (a sidecar serving another model): fail loudly, do not fall back.
+                raise
             self._note_error(exc)
         # A primary that is down at start-up (a sidecar still loading) takes no batches until it is up.
         if not await self._check_primary():
@@ -225,6 +228,12 @@ class RoutedEngine:
         finally:
             await self.fallback.close()
 
+    @property
+    def config_problem(self) -> str | None:
+        """Why the primary cannot serve although it is up (it serves another model), or None."""
+        problem = getattr(self.primary, "config_problem", None)
+        return problem if isinstance(problem, str) else None
+
     async def health(self) -> bool:
         """True when some engine can score now: the fallback, or the primary behind a closed circuit."""
         if self.breaker.state is CircuitState.CLOSED and self._primary_healthy:
@@ -240,6 +249,7 @@ class RoutedEngine:
             "primary": {"engine": self._primary_name, "healthy": primary_ok},
             "fallback": {"engine": self._fallback_name, "healthy": fallback_ok},
             "circuit": self.breaker.state.name.lower(),
+            "config_problem": self.config_problem,
             "consecutive_failures": self.breaker.consecutive_failures,
             "last_error": self._last_error,
             "last_error_age_s": (
@@ -354,6 +364,11 @@ class RoutedEngine:
             # A success here proves /health, not scoring: it does not reset the batch failure count.
             self.breaker.record_failure()
             self._last_error = "unavailable: health probe failed"
+            self._last_error_at = time.monotonic()
+        if not ok and self.config_problem is not None:
+            # Not a blip: every batch would fail until someone relaunches the sidecar. Open at once.
+            self.breaker.trip()
+            self._last_error = f"misconfigured: {self.config_problem}"
             self._last_error_at = time.monotonic()
         ENGINE_HEALTHY.labels(self._fallback_name).set(int(await self.fallback.health()))
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 NAME = "vllm"
 CLASSIFY_PATH = "/classify"
 HEALTH_PATH = "/health"
+MODELS_PATH = "/v1/models"
 # vLLM batches internally (continuous batching): send it large slices, several at once.
 DEFAULT_MAX_BATCH_PAIRS = 128
 DEFAULT_MAX_BATCH_TOKENS = 32_768
@@ -44,6 +45,10 @@ DEFAULT_MAX_CONCURRENT_BATCHES = 4
 DEFAULT_HEALTH_TIMEOUT_MS = 1_000
 # Statuses that mean "this batch is not servable here", not "the sidecar is sick".
 _REJECTED_STATUSES = (400, 413, 422)
+
+
+class SidecarMisconfigured(EngineUnavailable):
+    """The sidecar answers, but does not serve the model this gateway sends (a configuration error)."""
 
 
 class VllmEngine:
@@ -80,6 +85,8 @@ class VllmEngine:
             max_concurrent_batches=max_concurrent_batches,
         )
         self._client: httpx.AsyncClient | None = None
+        # Why the sidecar cannot serve this gateway although it is up (it serves another model), or None.
+        self.config_problem: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
@@ -103,7 +110,11 @@ class VllmEngine:
         return f"VllmEngine({self.base_url!r}, model={self.model!r})"
 
     async def start(self) -> None:
-        """Create the connection pool. The sidecar may still be starting: health() says when it is up."""
+        """Create the connection pool and, if the sidecar is up, check it serves our model.
+
+        The sidecar may still be starting: health() says when it is up (and checks the model then). One
+        that is up and serves another model raises SidecarMisconfigured: every request would fall back.
+        """
         if self._client is not None:
             return
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -121,6 +132,9 @@ class VllmEngine:
             # A sidecar is addressed directly; proxies from the environment would only get in the way.
             trust_env=False,
         )
+        await self.check_served_model()
+        if self.config_problem is not None:
+            raise SidecarMisconfigured(self.config_problem)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -128,7 +142,7 @@ class VllmEngine:
             await client.aclose()
 
     async def health(self) -> bool:
-        """GET /health with a short timeout; never raises."""
+        """GET /health, then GET /v1/models (it must list our model), with short timeouts; never raises."""
         if self._client is None:
             return False
         try:
@@ -136,7 +150,40 @@ class VllmEngine:
         except httpx.HTTPError as exc:
             log.debug("vLLM health check at %s failed: %r", self.base_url, exc)
             return False
-        return resp.status_code == 200
+        if resp.status_code != 200:
+            return False
+        await self.check_served_model()
+        return self.config_problem is None
+
+    async def check_served_model(self) -> None:
+        """Set `config_problem` when the sidecar's /v1/models does not list `model`, clear it when it does.
+
+        A sidecar that cannot be asked (down, or no such route) leaves the last verdict as it was.
+        """
+        assert self._client is not None
+        try:
+            resp = await self._client.get(MODELS_PATH, timeout=self.health_timeout_s)
+            payload = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("vLLM model check at %s failed: %r", self.base_url, exc)
+            return
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):
+            return
+        served = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+        if self.model in served:
+            if self.config_problem is not None:
+                log.warning("the vLLM sidecar at %s now serves %r", self.base_url, self.model)
+            self.config_problem = None
+            return
+        problem = (
+            f"the vLLM sidecar at {self.base_url} serves {', '.join(map(repr, served)) or 'no model'}, not "
+            f"{self.model!r}: set RERANK_VLLM_MODEL to the name it serves, or launch it with "
+            f"--served-model-name {self.model}"
+        )
+        if problem != self.config_problem:
+            log.error("%s", problem)
+        self.config_problem = problem
 
     async def score(self, prompts: Sequence[Prompt]) -> Scored:
         if not prompts:

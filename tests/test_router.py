@@ -35,7 +35,7 @@ from engines.base import (
 from engines.contract import Prompt, PromptBuilder
 from engines.onnx_engine import OnnxEngine
 from engines.router import CircuitBreaker, CircuitState, RoutedEngine
-from engines.vllm_engine import VllmEngine
+from engines.vllm_engine import SidecarMisconfigured, VllmEngine
 from engines.vllm_launch import HF_OVERRIDES, build_argv, options_from_env
 from gateway import metrics
 from tests.conftest import free_port
@@ -88,6 +88,8 @@ class HttpPeer:
     def __init__(self, port: int) -> None:
         self.port = port
         self.health_status = 200
+        # Names GET /v1/models lists (vLLM's shape); None answers 404, as a server without the route.
+        self.served_models: list[str] | None = None
         # (status, body) for POST /classify; a callable gets the decoded request and returns one.
         self.classify = (500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
         self.classify_calls = 0
@@ -112,6 +114,9 @@ class HttpPeer:
             def do_GET(self) -> None:
                 if self.path == "/health":
                     self._send(peer.health_status, b"")
+                elif self.path == "/v1/models" and peer.served_models is not None:
+                    data = [{"id": name, "object": "model"} for name in peer.served_models]
+                    self._send(200, {"object": "list", "data": data})
                 else:
                     self._send(404, {"detail": "Not Found"})
 
@@ -345,6 +350,67 @@ async def test_vllm_engine_sends_token_ids_and_reads_results_by_index(prompts):
 
 
 # --- the breaker on its own -------------------------------------------------------------------------
+
+
+# --- a sidecar serving another model name ------------------------------------------------------------
+
+
+async def test_vllm_engine_refuses_to_start_on_a_sidecar_serving_another_model(fallback):
+    with http_peer() as peer:
+        peer.served_models = ["some-other-model"]
+        engine = vllm(peer.url)
+        with pytest.raises(
+            SidecarMisconfigured, match=r"serves 'some-other-model', not 'tiny-reranker'"
+        ) as info:
+            await engine.start()
+        assert "RERANK_VLLM_MODEL" in str(info.value)
+        await engine.close()
+        # Behind the router too: a misconfigured primary is an error at start, not a silent fallback.
+        router = routed(vllm(peer.url), fallback)
+        with pytest.raises(SidecarMisconfigured):
+            await router.start()
+        await router.close()
+        peer.served_models = ["some-other-model", "tiny-reranker"]
+        engine = vllm(peer.url)
+        await engine.start()
+        assert await engine.health() is True
+        assert engine.config_problem is None
+        await engine.close()
+
+
+async def test_sidecar_that_comes_up_with_another_model_makes_the_gateway_not_ready(
+    make_settings, prompts, fallback
+):
+    from fastapi.testclient import TestClient
+
+    from gateway.app import create_app
+
+    with http_peer(StandInSidecar, fallback.inner) as peer:
+        # Down at start (no /v1/models yet, as a sidecar still loading): the gateway starts on its fallback.
+        router = routed(vllm(peer.url), fallback)
+        app = create_app(make_settings(vllm_model="tiny-reranker"), engine=router)
+        with TestClient(app) as client:
+            assert client.get("/ready").status_code == 200
+            peer.served_models = ["some-other-model"]
+            await router.probe_once()
+            ready = client.get("/ready")
+            assert ready.status_code == 503
+            body = ready.json()
+            assert body["status"] == "misconfigured"
+            assert "serves 'some-other-model', not 'tiny-reranker'" in body["reason"]
+            assert body["engines"]["primary"]["healthy"] is False
+            assert body["engines"]["config_problem"] == body["reason"]
+            assert body["engines"]["last_error"].startswith("misconfigured:")
+            # Requests are still answered, by the fallback, while /ready says what is wrong.
+            response = client.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
+            assert response.status_code == 200
+            assert response.headers["x-rerank-engine"] == "onnx"
+            # Relaunched with the right name: ready again (the breaker lets the primary back after reset_ms).
+            peer.served_models = ["tiny-reranker"]
+            await router.probe_once()
+            ready = client.get("/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["engines"]["config_problem"] is None
 
 
 def test_breaker_opens_after_threshold_half_opens_after_reset_and_closes_on_success():

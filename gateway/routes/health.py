@@ -20,11 +20,13 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     """Readiness, with what each engine reports."""
 
-    status: Literal["ready", "loading", "unavailable"] = Field(
+    status: Literal["ready", "loading", "unavailable", "misconfigured"] = Field(
         description="ready: requests are scored now; loading: the model is not loaded or warm yet; "
-        "unavailable: loaded, but no engine passes its health check."
+        "unavailable: loaded, but no engine passes its health check; misconfigured: an engine is up but "
+        "cannot serve this gateway (a vLLM sidecar serving another model name), `reason` says why."
     )
     model: str = Field(description="The served model name.")
+    reason: str | None = Field(None, description="Why the gateway is not ready, when it knows.")
     engines: dict[str, Any] = Field(
         default_factory=dict,
         description="Per engine state: `{name: {healthy}}`, or the router's status (engines, circuits).",
@@ -55,6 +57,14 @@ async def ready(request: Request) -> JSONResponse:
         healthy = False
     status_fn = getattr(engine, "status", None)
     engines = dict(await status_fn()) if callable(status_fn) else {engine.info.name: {"healthy": healthy}}
+    # A misconfigured primary is not ready even while a fallback answers: falling back silently for
+    # every request is exactly what an operator must hear about.
+    problem = getattr(engine, "config_problem", None)
+    if isinstance(problem, str):
+        body = ReadyResponse(
+            status="misconfigured", model=settings.public_model_name, engines=engines, reason=problem
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=503)
     body = ReadyResponse(
         status="ready" if healthy else "unavailable", model=settings.public_model_name, engines=engines
     )
