@@ -132,7 +132,7 @@ class VllmEngine:
             # A sidecar is addressed directly; proxies from the environment would only get in the way.
             trust_env=False,
         )
-        await self.check_served_model()
+        await self.check_served_model(log_problem=False)  # raised instead, for the caller to report
         if self.config_problem is not None:
             raise SidecarMisconfigured(self.config_problem)
 
@@ -155,7 +155,7 @@ class VllmEngine:
         await self.check_served_model()
         return self.config_problem is None
 
-    async def check_served_model(self) -> None:
+    async def check_served_model(self, *, log_problem: bool = True) -> None:
         """Set `config_problem` when the sidecar's /v1/models does not list `model`, clear it when it does.
 
         A sidecar that cannot be asked (down, or no such route) leaves the last verdict as it was.
@@ -181,7 +181,7 @@ class VllmEngine:
             f"{self.model!r}: set RERANK_VLLM_MODEL to the name it serves, or launch it with "
             f"--served-model-name {self.model}"
         )
-        if problem != self.config_problem:
+        if log_problem and problem != self.config_problem:
             log.error("%s", problem)
         self.config_problem = problem
 

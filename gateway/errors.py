@@ -53,6 +53,10 @@ class RequestTimeout(GatewayError):
     status_code = 408
     error_type = "request_timeout"
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body may still come: this connection cannot carry another request.
+        return {"Connection": "close"}
+
 
 class UnsupportedMediaType(GatewayError):
     """The body is not declared as JSON (415)."""
