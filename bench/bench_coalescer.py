@@ -5,7 +5,7 @@ either straight to `engine.score` (one engine call per request) or through `Coal
 level: throughput, p50/p99 latency, mean batch fill and padding waste, and throughput as a share of the
 engine's best offline batch throughput on the same pairs (all pairs at once, or fixed-size chunks).
 
-Models: the tiny test model, and a random-weight model of the real base-v2 shape (../shared/bench),
+Models: the tiny test model, and a random-weight model of the real base-v2 shape (bench/configs),
 built once with tests/tiny_model.build_shaped_model and prepared with `rerank-gateway export --quantize
 int8`, both cached under .cache/bench-models/. The shaped model is slow on a small CPU: keep its request
 counts low (the defaults do).

@@ -1,6 +1,6 @@
 """Engine benchmark: the official wrapper (torch fp32) vs the ONNX engine (fp32, int8), interleaved.
 
-On a random-weight model of a real shape (../shared/bench/<shape>.config.json; speed depends on the shape
+On a random-weight model of a real shape (bench/configs/<shape>.config.json; speed depends on the shape
 only), 1 query x N documents whose prompts are about 150 and about 300 tokens. Each round times every
 engine on every workload, rotating the engine order, so that load from other processes on a shared machine
 hits all engines alike; the table reports the median pairs/s over rounds, the ratio to the wrapper, and

@@ -44,19 +44,62 @@ ESTIMATED_MAX = {
 DEFAULT_ESTIMATED_MAX = 12.0
 
 
+# The published models' shapes (config.json: hidden_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, intermediate_size), so a copied folder is recognised by what it holds, not its name.
+KNOWN_SHAPES = {
+    (896, 24, 14, 2, 4864): "mixedbread-ai/mxbai-rerank-base-v2",
+    (1536, 28, 12, 2, 8960): "mixedbread-ai/mxbai-rerank-large-v2",
+}
+
+
+def model_shape(config: dict) -> tuple[int, ...] | None:
+    """The (hidden, layers, heads, kv heads, ffn) tuple of a Qwen2 config.json, or None if incomplete."""
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    )
+    try:
+        return tuple(int(config[k]) for k in keys)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def resolve_estimated_max(
+    *, config: dict, hub_id: str | None = None, override: float | None = None
+) -> tuple[float, str]:
+    """The normalization constant and where it came from: an explicit value, the hub id, or the model shape.
+
+    A model of neither published shape, with no explicit value, is an error: a wrong constant silently moves
+    every normalized score, so it is never guessed (the wrapper's 12.0 default included).
+    """
+    if override is not None:
+        if not math.isfinite(override) or override <= 0:
+            raise ValueError(f"estimated_max must be a positive number, not {override}")
+        return float(override), "explicit"
+    if hub_id in ESTIMATED_MAX:
+        return ESTIMATED_MAX[hub_id], f"hub id {hub_id}"
+    shape = model_shape(config)
+    if shape in KNOWN_SHAPES:
+        name = KNOWN_SHAPES[shape]
+        return ESTIMATED_MAX[name], f"config shape of {name}"
+    described = "x".join(map(str, shape)) if shape else "incomplete"
+    raise ValueError(
+        f"cannot tell the normalization constant (estimated_max) of this model: its shape "
+        f"(hidden x layers x heads x kv heads x ffn = {described}) is neither mxbai-rerank-base-v2's nor "
+        f"large-v2's; pass `--estimated-max` to export (9.0 for base-v2 fine-tunes, 12.0 for large-v2) or "
+        f"set RERANK_ESTIMATED_MAX"
+    )
+
+
 def estimated_max_for(model_id: str | None) -> float:
-    """The normalization constant the official wrapper uses for this model id."""
-    if model_id is None:
-        return DEFAULT_ESTIMATED_MAX
-    if model_id in ESTIMATED_MAX:
-        return ESTIMATED_MAX[model_id]
-    # Local folders and mirrors keep the hub name as their last path components.
-    lowered = model_id.lower()
-    if "rerank-base-v2" in lowered:
-        return ESTIMATED_MAX["mixedbread-ai/mxbai-rerank-base-v2"]
-    if "rerank-large-v2" in lowered:
-        return ESTIMATED_MAX["mixedbread-ai/mxbai-rerank-large-v2"]
-    return DEFAULT_ESTIMATED_MAX
+    """The constant the official wrapper uses for a hub id (its 12.0 default for any other id).
+
+    The gateway itself uses `resolve_estimated_max`, which never falls back to a default.
+    """
+    return ESTIMATED_MAX.get(model_id or "", DEFAULT_ESTIMATED_MAX)
 
 
 def normalize_score(raw: float, estimated_max: float) -> float:

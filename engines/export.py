@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.base import ModelPreparationError
-from engines.contract import CONTRACT_VERSION, PromptBuilder, estimated_max_for
+from engines.contract import CONTRACT_VERSION, PromptBuilder, resolve_estimated_max
 from engines.model_store import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -400,6 +400,7 @@ def export_model(
     verify_samples: int = 8,
     cache_dir: str | Path | None = None,
     opset: int = DEFAULT_OPSET,
+    estimated_max: float | None = None,
     say: Callable[[str], None] = _say,
 ) -> ExportReport:
     """Prepare a model folder from a hub id or an HF folder: ONNX graphs, tokenizer, config, manifest."""
@@ -416,12 +417,20 @@ def export_model(
         say(f"{time.monotonic() - started:7.1f}s  {msg}")
 
     hf_dir, resolved_revision = fetch_source(source, revision=revision, cache_dir=cache_dir, say=step)
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    is_hub_id = not Path(source).expanduser().exists()
+    try:
+        norm_max, norm_source = resolve_estimated_max(
+            config=config, hub_id=source if is_hub_id else None, override=estimated_max
+        )
+    except ValueError as exc:
+        raise ModelPreparationError(str(exc)) from exc
+    step(f"estimated_max = {norm_max:g} ({norm_source})")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, out_dir / name)
     builder = PromptBuilder.from_dir(out_dir)
-    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     pad_id = _pad_id(hf_dir, builder)
 
     step(f"loading {hf_dir} with torch (fp32)")
@@ -475,7 +484,7 @@ def export_model(
     }
     manifest = {
         "format": MANIFEST_FORMAT,
-        "source": str(source) if not Path(source).expanduser().exists() else str(hf_dir.resolve()),
+        "source": str(source) if is_hub_id else str(hf_dir.resolve()),
         "revision": resolved_revision,
         "contract_version": CONTRACT_VERSION,
         "quantization": "int8" if "int8" in graphs else "none",
@@ -487,7 +496,8 @@ def export_model(
         "yes_id": builder.yes_id,
         "no_id": builder.no_id,
         "pad_id": pad_id,
-        "estimated_max": estimated_max_for(str(source)),
+        "estimated_max": norm_max,
+        "estimated_max_source": norm_source,
         "max_position_embeddings": int(config["max_position_embeddings"]),
         "verification": {
             "samples": len(prompts),

@@ -201,7 +201,14 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _export_into_cache(source: str, target: Path, *, revision: str | None, hub_cache: Path | None) -> Path:
+def _export_into_cache(
+    source: str,
+    target: Path,
+    *,
+    revision: str | None,
+    hub_cache: Path | None,
+    estimated_max: float | None = None,
+) -> Path:
     """Export `source` into `target` atomically (a half-written folder is never served)."""
     if not export_available():
         raise ModelPreparationError(
@@ -216,7 +223,9 @@ def _export_into_cache(source: str, target: Path, *, revision: str | None, hub_c
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("exporting %s into %s (first start only; this takes a few minutes)", source, target)
-        export_model(source, tmp, revision=revision, quantize="int8", cache_dir=hub_cache)
+        export_model(
+            source, tmp, revision=revision, quantize="int8", cache_dir=hub_cache, estimated_max=estimated_max
+        )
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
@@ -242,7 +251,9 @@ def resolve_model(settings: Settings) -> Path:
             target = Path(settings.cache_dir) / "prepared" / f"local--{_slug(resolved.name)}-{key}"
             if is_prepared_dir(target):
                 return target
-            return _export_into_cache(str(resolved), target, revision=None, hub_cache=None)
+            return _export_into_cache(
+                str(resolved), target, revision=None, hub_cache=None, estimated_max=settings.estimated_max
+            )
         raise ModelPreparationError(
             f"RERANK_MODEL_PATH={path} is neither a prepared model folder ({MANIFEST_NAME}) nor a "
             f"Hugging Face model folder (config.json and weights); {PREPARE_HINT}"
@@ -258,5 +269,9 @@ def resolve_model(settings: Settings) -> Path:
             f"{PREPARE_HINT}"
         )
     return _export_into_cache(
-        settings.model, target, revision=revision, hub_cache=Path(settings.cache_dir) / "hub"
+        settings.model,
+        target,
+        revision=revision,
+        hub_cache=Path(settings.cache_dir) / "hub",
+        estimated_max=settings.estimated_max,
     )

@@ -272,8 +272,13 @@ def info(quiet: bool, message: str) -> None:
 
 
 def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
-    """Normalization constant: settings, else the prepared model's manifest, else the model id."""
-    from engines.contract import estimated_max_for
+    """Normalization constant: settings, else the prepared model's manifest, else the model itself.
+
+    An HF folder (the reference engine's) is recognised by its config's shape; a model whose constant cannot
+    be told is a ModelPreparationError naming RERANK_ESTIMATED_MAX, never a silent guess.
+    """
+    from engines.base import ModelPreparationError
+    from engines.contract import ESTIMATED_MAX, resolve_estimated_max
 
     if settings.estimated_max is not None:
         return settings.estimated_max
@@ -284,12 +289,19 @@ def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
             value = None
         if isinstance(value, (int, float)):
             return float(value)
-    if settings.model_path is not None:
-        # A local folder often keeps the hub name in its path (e.g. .../mxbai-rerank-large-v2).
-        hint = str(settings.model_path).lower()
-        if "rerank-base-v2" in hint or "rerank-large-v2" in hint:
-            return estimated_max_for(hint)
-    return estimated_max_for(settings.model)
+    hub_id = settings.model if settings.model_path is None else None
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        try:
+            config = json.loads((model_dir / "config.json").read_text())
+            return resolve_estimated_max(config=config, hub_id=hub_id)[0]
+        except (OSError, ValueError) as exc:
+            raise ModelPreparationError(str(exc)) from exc
+    if settings.model in ESTIMATED_MAX:
+        return ESTIMATED_MAX[settings.model]
+    raise ModelPreparationError(
+        f"cannot tell the normalization constant of {settings.model}; set RERANK_ESTIMATED_MAX "
+        "(9.0 for base-v2 models, 12.0 for large-v2)"
+    )
 
 
 def model_dir_for(settings: Settings, engine_name: str) -> Path:

@@ -139,6 +139,20 @@ def test_normalization_equals_the_wrappers():
     assert estimated_max_cfg == ESTIMATED_MAX
 
 
-def test_local_folders_named_after_a_hub_model_get_its_estimated_max():
-    assert estimated_max_for("/models/mxbai-rerank-base-v2") == 9.0
-    assert estimated_max_for("/models/mxbai-rerank-large-v2") == 12.0
+def test_estimated_max_comes_from_the_model_shape_not_the_folder_name(tiny_hf_dir):
+    import json
+
+    from engines.contract import resolve_estimated_max
+    from tests.tiny_model import load_shape_config
+
+    base, large = load_shape_config("mxbai-rerank-base-v2"), load_shape_config("mxbai-rerank-large-v2")
+    assert resolve_estimated_max(config=base) == (9.0, "config shape of mixedbread-ai/mxbai-rerank-base-v2")
+    assert resolve_estimated_max(config=large)[0] == 12.0
+    # A known hub id wins over the shape; an explicit value wins over both, and is recorded as such.
+    assert resolve_estimated_max(config=base, hub_id="mixedbread-ai/mxbai-rerank-large-v2")[0] == 12.0
+    assert resolve_estimated_max(config=base, override=7.5) == (7.5, "explicit")
+    tiny = json.loads((tiny_hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"--estimated-max.*RERANK_ESTIMATED_MAX"):
+        resolve_estimated_max(config=tiny, hub_id="some-org/other-reranker")
+    with pytest.raises(ValueError, match="positive"):
+        resolve_estimated_max(config=base, override=-1.0)

@@ -80,6 +80,8 @@ def test_export_prints_verification_and_honours_its_options(tmp_path: Path, tiny
         [
             "export",
             str(tiny_hf_dir),
+            "--estimated-max",
+            "12",
             "--out",
             str(out),
             "--quantize",
@@ -110,7 +112,20 @@ def test_export_prints_verification_and_honours_its_options(tmp_path: Path, tiny
 def test_export_without_quantization_writes_no_int8_graph_and_the_engine_says_so(tmp_path: Path, tiny_hf_dir):
     out = tmp_path / "fp32-only"
     assert (
-        main(["export", str(tiny_hf_dir), "--out", str(out), "--quantize", "none", "--verify-samples", "2"])
+        main(
+            [
+                "export",
+                str(tiny_hf_dir),
+                "--estimated-max",
+                "12",
+                "--out",
+                str(out),
+                "--quantize",
+                "none",
+                "--verify-samples",
+                "2",
+            ]
+        )
         == 0
     )
     assert not (out / "model.int8.onnx").exists()
@@ -199,8 +214,9 @@ def test_resolve_returns_a_prepared_model_path_as_is(tmp_path: Path, tiny_model_
 
 
 def test_resolve_exports_a_plain_hf_folder_into_the_cache_once(tmp_path: Path, tiny_hf_dir: Path):
-    settings = _settings(tmp_path, model_path=tiny_hf_dir)
+    settings = _settings(tmp_path, model_path=tiny_hf_dir, estimated_max=11.0)
     first = resolve_model(settings)
+    assert load_manifest(first).estimated_max == 11.0
     assert first.is_relative_to(tmp_path / "cache")
     manifest = verify_model_dir(first, "int8")
     assert manifest.source == str(tiny_hf_dir.resolve())
@@ -286,14 +302,25 @@ def test_cli_export_of_a_folder_without_weights_fails_with_one_line(tmp_path: Pa
 def test_cli_export_into_a_non_empty_folder_fails_with_one_line(tmp_path: Path, tiny_hf_dir: Path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    rc = main(["export", str(tiny_hf_dir), "--out", str(tmp_path / "out")])
+    rc = main(["export", str(tiny_hf_dir), "--estimated-max", "12", "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "not empty" in _one_line_error(capsys)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 def test_cli_export_with_zero_verify_samples_fails_with_one_line(tmp_path: Path, tiny_hf_dir: Path, capsys):
-    rc = main(["export", str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--verify-samples", "0"])
+    rc = main(
+        [
+            "export",
+            str(tiny_hf_dir),
+            "--estimated-max",
+            "12",
+            "--out",
+            str(tmp_path / "o"),
+            "--verify-samples",
+            "0",
+        ]
+    )
     assert rc == 2
     assert "--verify-samples" in _one_line_error(capsys)
 
@@ -322,7 +349,18 @@ def test_cli_export_with_the_hub_unreachable_fails_with_one_line(tmp_path: Path,
 
 def test_cli_export_rejects_an_unknown_quantization(tmp_path: Path, tiny_hf_dir: Path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["export", str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--quantize", "int4"])
+        main(
+            [
+                "export",
+                str(tiny_hf_dir),
+                "--estimated-max",
+                "12",
+                "--out",
+                str(tmp_path / "o"),
+                "--quantize",
+                "int4",
+            ]
+        )
     assert info.value.code == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 
@@ -343,3 +381,40 @@ def test_left_padding_does_not_change_an_fp32_score(tiny_model_dir: Path, prompt
     padded = run([short.input_ids, long_.input_ids])
     assert len(long_) - len(short) > 100
     np.testing.assert_allclose(padded[0], alone[0], atol=1e-4)
+
+
+# --- the normalization constant ---------------------------------------------------------------------------
+
+
+def test_export_refuses_to_guess_estimated_max_for_an_unknown_shape(
+    tmp_path: Path, tiny_hf_dir: Path, capsys
+):
+    # The folder's name says base-v2, but the model is not of that shape: nothing is written.
+    named = tmp_path / "mxbai-rerank-base-v2"
+    shutil.copytree(tiny_hf_dir, named)
+    rc = main(["export", str(named), "--out", str(tmp_path / "out"), "--quantize", "none"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "estimated_max" in err and "--estimated-max" in err
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_export_records_an_explicit_estimated_max_and_where_it_came_from(tmp_path: Path, tiny_hf_dir: Path):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "export",
+            str(tiny_hf_dir),
+            "--out",
+            str(out),
+            "--quantize",
+            "none",
+            "--verify-samples",
+            "1",
+            "--estimated-max",
+            "9",
+        ]
+    )
+    assert rc == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert (manifest["estimated_max"], manifest["estimated_max_source"]) == (9.0, "explicit")

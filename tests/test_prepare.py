@@ -24,7 +24,10 @@ def prepare(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_prepare_exports_an_hf_folder_once_into_the_cache(tiny_hf_dir: Path, tmp_path: Path):
     cache = tmp_path / "cache"
-    first = prepare("--model-path", str(tiny_hf_dir), "--cache-dir", str(cache))
+    # The tiny model has no published shape: its normalization constant must be given.
+    first = prepare(
+        "--model-path", str(tiny_hf_dir), "--cache-dir", str(cache), env={"RERANK_ESTIMATED_MAX": "12"}
+    )
     assert first.returncode == 0, first.stderr
     prepared = Path(first.stdout.strip().splitlines()[-1])
     assert prepared.is_dir()
@@ -33,7 +36,13 @@ def test_prepare_exports_an_hf_folder_once_into_the_cache(tiny_hf_dir: Path, tmp
     assert manifest.graph_file("int8") == "model.int8.onnx"
     # The second run finds the prepared copy (same folder, no new export).
     mtime = (prepared / "rerank_manifest.json").stat().st_mtime_ns
-    second = prepare(env={"RERANK_MODEL_PATH": str(tiny_hf_dir), "RERANK_CACHE_DIR": str(cache)})
+    second = prepare(
+        env={
+            "RERANK_MODEL_PATH": str(tiny_hf_dir),
+            "RERANK_CACHE_DIR": str(cache),
+            "RERANK_ESTIMATED_MAX": "12",
+        }
+    )
     assert second.returncode == 0, second.stderr
     assert Path(second.stdout.strip().splitlines()[-1]) == prepared
     assert (prepared / "rerank_manifest.json").stat().st_mtime_ns == mtime

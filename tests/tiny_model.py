@@ -13,7 +13,8 @@ from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_CONFIGS = REPO_ROOT.parent / "shared" / "bench"
+# The published models' config.json files (public facts, shipped with the repository).
+BENCH_CONFIGS = REPO_ROOT / "bench" / "configs"
 
 TINY_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -78,7 +79,11 @@ def build_tiny_model(out_dir: Path, *, max_position_embeddings: int = 32768, see
     return _build(out_dir, {**TINY_CONFIG, "max_position_embeddings": max_position_embeddings}, seed)
 
 
+def load_shape_config(shape: str) -> dict:
+    """The config.json of a published model (bench/configs/<shape>.config.json)."""
+    return json.loads((BENCH_CONFIGS / f"{shape}.config.json").read_text())
+
+
 def build_shaped_model(out_dir: Path, shape: str = "mxbai-rerank-base-v2", *, seed: int = 0) -> Path:
-    """A random-weight model of a real architecture (../shared/bench/<shape>.config.json), for speed."""
-    config = json.loads((BENCH_CONFIGS / f"{shape}.config.json").read_text())
-    return _build(out_dir, config, seed)
+    """A random-weight model of a real architecture (bench/configs/<shape>.config.json), for speed."""
+    return _build(out_dir, load_shape_config(shape), seed)

@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, default=None, metavar="D", help="Hugging Face download cache folder."
     )
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 17).")
+    parser.add_argument(
+        "--estimated-max",
+        type=float,
+        default=None,
+        metavar="X",
+        help="Normalization constant recorded in the manifest (normalized = sigmoid(raw - X / 2)). Default: "
+        "from the hub id or the model's shape (9.0 base-v2, 12.0 large-v2); required for other shapes.",
+    )
     parser.set_defaults(func=run)
 
 
@@ -61,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         verify_samples=args.verify_samples,
         cache_dir=args.cache_dir,
         opset=args.opset or DEFAULT_OPSET,
+        estimated_max=args.estimated_max,
     )
     print(f"prepared model folder: {report.out_dir} (serve it with RERANK_MODEL_PATH={report.out_dir})")
     return 0
