@@ -70,7 +70,16 @@ def prepared_model(hf_dir: Path, *, quantize: str = "int8") -> Path:
         from gateway.cli import main
 
         rc = main(
-            ["export", str(hf_dir), "--out", str(out), "--quantize", quantize, "--estimated-max", TINY_ESTIMATED_MAX]
+            [
+                "export",
+                str(hf_dir),
+                "--out",
+                str(out),
+                "--quantize",
+                quantize,
+                "--estimated-max",
+                TINY_ESTIMATED_MAX,
+            ]
         )
         assert rc == 0, f"rerank-gateway export failed with exit status {rc}"
 

@@ -395,7 +395,8 @@ def test_export_refuses_to_guess_estimated_max_for_an_unknown_shape(
     rc = main(["export", str(named), "--out", str(tmp_path / "out"), "--quantize", "none"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "estimated_max" in err and "--estimated-max" in err
+    assert "estimated_max" in err
+    assert "--estimated-max" in err
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
