@@ -193,7 +193,7 @@ def workload(prepared: Path, tokens: int, docs: int) -> tuple[str, list[str], li
 
 
 def spearman(a, b) -> float:
-    from engines.export import spearman as rho
+    from engines.fidelity import spearman as rho
 
     return rho(a, b)
 

@@ -21,8 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engines.base import ModelPreparationError
 from engines.contract import CONTRACT_VERSION, PromptBuilder, resolve_estimated_max
+from engines.fidelity import DEFAULT_INT8_BOUND, Fidelity, FidelityBound, compare
 from engines.model_store import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -30,6 +33,7 @@ from engines.model_store import (
     file_entry,
     is_hf_dir,
 )
+from engines.quantize import W8A8Options
 
 FP32_GRAPH = "model.onnx"
 FP32_DATA = "model.onnx.data"
@@ -52,6 +56,9 @@ DEFAULT_OPSET = 17
 SCORE_DIRECTION = "score_direction"
 # An fp32 graph further than this from torch is broken, not merely rounded differently.
 FP32_VERIFY_TOLERANCE = 1e-2
+# What int8 writes (engines.quantize): per-token activations, per-channel 7-bit weights, SmoothQuant 0.5.
+INT8_OPTIONS = W8A8Options(smooth_alpha=0.5, weight_bits=7)
+INT8_SCHEME = "w8a8: per-token int8 activations, per-channel 7-bit weights, SmoothQuant alpha 0.5"
 
 _SAMPLE_QUERIES = (
     "What is the capital of France?",
@@ -78,8 +85,7 @@ class ExportReport:
     out_dir: Path
     manifest: dict
     fp32_max_abs_diff: float
-    int8_max_abs_diff: float | None
-    int8_spearman: float | None
+    int8_fidelity: Fidelity | None
 
 
 def _say(msg: str) -> None:
@@ -283,32 +289,18 @@ def _check_graph(graph: Path) -> None:
         raise ModelPreparationError(f"exported graph has outputs {outputs}, expected ['score']")
 
 
-def _head_nodes(graph: Path) -> list[str]:
-    """Names of the nodes that read the score direction (kept in fp32 by quantization)."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    return [n.name for n in model.graph.node if any(SCORE_DIRECTION in i for i in n.input)]
-
-
-def _quantize(fp32_graph: Path, out_graph: Path, *, per_channel: bool) -> list[str]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(fp32_graph: Path, out_graph: Path, input_absmax: dict) -> list[str]:
+    """The int8 graph: per-token activations x per-channel 7-bit weights, smoothed (engines.quantize)."""
+    from engines.quantize import quantize_w8a8
 
     large = sum(p.stat().st_size for p in fp32_graph.parent.glob(fp32_graph.name + "*")) / 4
-    quantize_dynamic(
-        str(fp32_graph),
-        str(out_graph),
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-        # The two-logit head is one tiny dot product: int8 would only add error to every score.
-        nodes_to_exclude=_head_nodes(fp32_graph),
-        use_external_data_format=large > EXTERNAL_DATA_THRESHOLD_BYTES,
-        extra_options={"MatMulConstBOnly": True},
+    return quantize_w8a8(
+        fp32_graph,
+        out_graph,
+        input_absmax=input_absmax,
+        options=INT8_OPTIONS,
+        external_data=large > EXTERNAL_DATA_THRESHOLD_BYTES,
     )
-    names = [out_graph.name]
-    if (out_graph.parent / (out_graph.name + ".data")).is_file():
-        names.append(out_graph.name + ".data")
-    return names
 
 
 def sample_prompts(builder: PromptBuilder, n: int) -> list:
@@ -333,15 +325,38 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-def _torch_scores(model, prompts, yes_id: int, no_id: int) -> list[float]:
-    """Ground truth: the full causal LM, one unpadded prompt at a time, logit[yes] - logit[no]."""
+def _torch_scores(model, prompts, yes_id: int, no_id: int, input_absmax: dict | None = None) -> list[float]:
+    """Ground truth: the full causal LM, one unpadded prompt at a time, logit[yes] - logit[no].
+
+    With `input_absmax`, also records every linear layer's per-input-channel max |x| (keyed by
+    `engines.quantize.weight_key` of the weight as the graph stores it): the calibration of int8 smoothing.
+    """
     import torch
 
+    hooks = []
+    if input_absmax is not None:
+        from engines.quantize import weight_key
+
+        def record(key: str):
+            def hook(_module, inputs, _output) -> None:
+                x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).numpy()
+                input_absmax[key] = np.maximum(input_absmax[key], x) if key in input_absmax else x
+
+            return hook
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                key = weight_key(module.weight.detach().T.numpy())
+                hooks.append(module.register_forward_hook(record(key)))
     out = []
-    with torch.no_grad():
-        for p in prompts:
-            logits = model(input_ids=torch.tensor([p.input_ids])).logits[0, -1]
-            out.append(float(logits[yes_id] - logits[no_id]))
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                logits = model(input_ids=torch.tensor([p.input_ids])).logits[0, -1]
+                out.append(float(logits[yes_id] - logits[no_id]))
+    finally:
+        for h in hooks:
+            h.remove()
     return out
 
 
@@ -352,31 +367,6 @@ def _onnx_scores(graph: Path, prompts, pad_id: int) -> list[float]:
     ids, mask = left_pad([p.input_ids for p in prompts], pad_id)
     (scores,) = session.run(["score"], {"input_ids": ids, "attention_mask": mask})
     return [float(s) for s in scores]
-
-
-def _ranks(xs: Sequence[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    ra, rb = _ranks(a), _ranks(b)
-    n = len(a)
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra) ** 0.5
-    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return cov / (va * vb) if va and vb else 1.0
 
 
 def _pad_id(hf_dir: Path, builder: PromptBuilder) -> int:
@@ -390,27 +380,74 @@ def _pad_id(hf_dir: Path, builder: PromptBuilder) -> int:
     return 0
 
 
+def _grouped(prompts, scores: Sequence[float]) -> list[list[float]]:
+    """Scores grouped by query (in first-seen order), for per-query ranking figures."""
+    groups: dict[tuple[str, str | None], list[float]] = {}
+    for p, x in zip(prompts, scores, strict=True):
+        groups.setdefault((p.query, p.instruction), []).append(x)
+    return list(groups.values())
+
+
 def export_model(
     source: str,
     out_dir: str | Path,
     *,
     revision: str | None = None,
-    quantize: str = "int8",
-    per_channel: bool = False,
-    verify_samples: int = 8,
+    quantize: str = "none",
+    verify_samples: int = 16,
     cache_dir: str | Path | None = None,
     opset: int = DEFAULT_OPSET,
     estimated_max: float | None = None,
+    int8_bound: FidelityBound = DEFAULT_INT8_BOUND,
     say: Callable[[str], None] = _say,
 ) -> ExportReport:
-    """Prepare a model folder from a hub id or an HF folder: ONNX graphs, tokenizer, config, manifest."""
+    """Prepare a model folder from a hub id or an HF folder: ONNX graphs, tokenizer, config, manifest.
+
+    Nothing is left in `out_dir` when the export fails, the int8 fidelity gate included.
+    """
     if quantize not in ("none", "int8"):
         raise ValueError(f"--quantize must be none or int8, not {quantize!r}")
-    if verify_samples < 1:
-        raise ValueError("--verify-samples must be at least 1")
+    if verify_samples < 2:
+        raise ValueError("--verify-samples must be at least 2")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ModelPreparationError(f"{out_dir} exists and is not empty; choose a new --out folder")
+    created = not out_dir.exists()
+    try:
+        return _export(
+            source,
+            out_dir,
+            revision=revision,
+            quantize=quantize,
+            verify_samples=verify_samples,
+            cache_dir=cache_dir,
+            opset=opset,
+            estimated_max=estimated_max,
+            int8_bound=int8_bound,
+            say=say,
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for child in out_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
+def _export(
+    source: str,
+    out_dir: Path,
+    *,
+    revision: str | None,
+    quantize: str,
+    verify_samples: int,
+    cache_dir: str | Path | None,
+    opset: int,
+    estimated_max: float | None,
+    int8_bound: FidelityBound,
+    say: Callable[[str], None],
+) -> ExportReport:
     started = time.monotonic()
 
     def step(msg: str) -> None:
@@ -443,14 +480,20 @@ def export_model(
         step("saving the fp32 graph")
         graphs["fp32"] = _save_graph(tmp_graph, out_dir / FP32_GRAPH, FP32_DATA)
     _check_graph(out_dir / FP32_GRAPH)
-    if quantize == "int8":
-        step(f"quantizing to dynamic int8 ({'per channel' if per_channel else 'per tensor'})")
-        graphs["int8"] = _quantize(out_dir / FP32_GRAPH, out_dir / INT8_GRAPH, per_channel=per_channel)
 
-    step(f"verifying against torch on {verify_samples} sample prompts")
     prompts = sample_prompts(builder, verify_samples)
-    reference = _torch_scores(model, prompts, builder.yes_id, builder.no_id)
+    step(
+        f"scoring {len(prompts)} sample prompts with torch"
+        + (" (and calibrating int8)" if quantize == "int8" else "")
+    )
+    input_absmax: dict | None = {} if quantize == "int8" else None
+    reference = _torch_scores(model, prompts, builder.yes_id, builder.no_id, input_absmax)
     del model
+    if quantize == "int8":
+        step(f"quantizing to int8 ({INT8_SCHEME})")
+        graphs["int8"] = _quantize(out_dir / FP32_GRAPH, out_dir / INT8_GRAPH, input_absmax or {})
+
+    step("verifying the graphs against torch")
     fp32 = _onnx_scores(out_dir / FP32_GRAPH, prompts, pad_id)
     fp32_diff = max(abs(a - b) for a, b in zip(fp32, reference, strict=True))
     lengths = sorted(len(p) for p in prompts)
@@ -464,17 +507,26 @@ def export_model(
             f"the exported fp32 graph differs from torch by {fp32_diff:.3g} (> {FP32_VERIFY_TOLERANCE}); "
             "the export is broken, please report it"
         )
-    int8_diff = int8_rho = None
+    int8_fidelity: Fidelity | None = None
     if "int8" in graphs:
-        int8 = _onnx_scores(out_dir / INT8_GRAPH, prompts, pad_id)
-        int8_diff = max(abs(a - b) for a, b in zip(int8, fp32, strict=True))
-        int8_rho = spearman(int8, fp32) if len(prompts) > 1 else 1.0
+        # One prompt per run, as the engine runs int8 (see engines.onnx_engine).
+        int8 = [_onnx_scores(out_dir / INT8_GRAPH, [p], pad_id)[0] for p in prompts]
+        int8_fidelity = compare(_grouped(prompts, int8), _grouped(prompts, fp32))
         int8_ref = max(abs(a - b) for a, b in zip(int8, reference, strict=True))
         print(
-            f"verify int8: max |int8 - fp32| = {int8_diff:.3g}, max |int8 - torch| = {int8_ref:.3g}, "
-            f"Spearman(int8, fp32) = {int8_rho:.4f}",
+            f"verify int8: max |int8 - fp32| = {int8_fidelity.max_abs_diff:.3g}, median "
+            f"{int8_fidelity.median_abs_diff:.3g}, max |int8 - torch| = {int8_ref:.3g}, per-query Spearman "
+            f"mean {int8_fidelity.spearman_mean:.4f} / min {int8_fidelity.spearman_min:.3f}, top-1 same "
+            f"{100 * int8_fidelity.top1_agreement:.0f} %",
             flush=True,
         )
+        failed = int8_bound.violations(int8_fidelity)
+        if failed:
+            raise ModelPreparationError(
+                f"the int8 graph is not faithful enough to fp32 on {len(prompts)} sample prompts: "
+                f"{'; '.join(failed)}. Nothing was written. Serve fp32 (`--quantize none`), or accept the "
+                f"error knowingly with --int8-max-abs-diff / --int8-min-spearman"
+            )
 
     step("hashing files and writing the manifest")
     files = {
@@ -488,8 +540,26 @@ def export_model(
         "revision": resolved_revision,
         "contract_version": CONTRACT_VERSION,
         "quantization": "int8" if "int8" in graphs else "none",
-        "per_channel": bool(per_channel and "int8" in graphs),
         "graphs": graphs,
+        "precision": {
+            "fp32": {"scheme": "fp32", "max_abs_diff_vs_torch": fp32_diff},
+            **(
+                {
+                    "int8": {
+                        "scheme": INT8_SCHEME,
+                        "weight_bits": INT8_OPTIONS.weight_bits,
+                        "smooth_alpha": INT8_OPTIONS.smooth_alpha,
+                        "fidelity_vs_fp32": int8_fidelity.as_dict(),
+                        "bound": {
+                            "max_abs_diff": int8_bound.max_abs_diff,
+                            "spearman_min": int8_bound.spearman_min,
+                        },
+                    }
+                }
+                if int8_fidelity is not None
+                else {}
+            ),
+        },
         "inputs": ["input_ids", "attention_mask"],
         "output": "score",
         "opset": opset,
@@ -502,11 +572,11 @@ def export_model(
         "verification": {
             "samples": len(prompts),
             "fp32_max_abs_diff": fp32_diff,
-            "int8_max_abs_diff_vs_fp32": int8_diff,
-            "int8_spearman_vs_fp32": int8_rho,
+            "int8_max_abs_diff_vs_fp32": int8_fidelity.max_abs_diff if int8_fidelity else None,
+            "int8_spearman_vs_fp32": int8_fidelity.spearman_mean if int8_fidelity else None,
         },
         "files": {name: {"size_bytes": e.size_bytes, "sha256": e.sha256} for name, e in files.items()},
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     step(f"done: {out_dir}")
-    return ExportReport(out_dir, manifest, fp32_diff, int8_diff, int8_rho)
+    return ExportReport(out_dir, manifest, fp32_diff, int8_fidelity)

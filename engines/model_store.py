@@ -37,7 +37,7 @@ QUANTIZATIONS = ("fp32", "int8")
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 PREPARE_HINT = (
-    "prepare it once with `rerank-gateway export <hub id or HF folder> --out DIR --quantize int8` "
+    "prepare it once with `rerank-gateway export <hub id or HF folder> --out DIR` "
     "(needs the export extra: pip install 'rerank-gateway[export]') and point RERANK_MODEL_PATH at DIR"
 )
 
@@ -65,7 +65,8 @@ class Manifest:
     pad_id: int
     estimated_max: float
     max_position_embeddings: int
-    per_channel: bool
+    # quantization name -> what export recorded of it: scheme, measured fidelity, the bound it passed.
+    precision: dict[str, dict]
     raw: dict
 
     def graph_file(self, quantization: str) -> str:
@@ -120,7 +121,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             pad_id=int(raw.get("pad_id", 0)),
             estimated_max=float(raw["estimated_max"]),
             max_position_embeddings=int(raw["max_position_embeddings"]),
-            per_channel=bool(raw.get("per_channel", False)),
+            precision={str(k): dict(v) for k, v in raw.get("precision", {}).items()},
             raw=raw,
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -130,7 +131,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
 
 
 def verify_model_dir(
-    model_dir: str | Path, quantization: str = "int8", verify_hashes: bool = True
+    model_dir: str | Path, quantization: str = "fp32", verify_hashes: bool = True
 ) -> Manifest:
     """Check a prepared folder before loading it: contract version, files present, sizes, hashes."""
     model_dir = Path(model_dir)
@@ -208,6 +209,7 @@ def _export_into_cache(
     revision: str | None,
     hub_cache: Path | None,
     estimated_max: float | None = None,
+    quantization: str = "fp32",
 ) -> Path:
     """Export `source` into `target` atomically (a half-written folder is never served)."""
     if not export_available():
@@ -224,7 +226,12 @@ def _export_into_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("exporting %s into %s (first start only; this takes a few minutes)", source, target)
         export_model(
-            source, tmp, revision=revision, quantize="int8", cache_dir=hub_cache, estimated_max=estimated_max
+            source,
+            tmp,
+            revision=revision,
+            quantize="int8" if quantization == "int8" else "none",
+            cache_dir=hub_cache,
+            estimated_max=estimated_max,
         )
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -252,7 +259,12 @@ def resolve_model(settings: Settings) -> Path:
             if is_prepared_dir(target):
                 return target
             return _export_into_cache(
-                str(resolved), target, revision=None, hub_cache=None, estimated_max=settings.estimated_max
+                str(resolved),
+                target,
+                revision=None,
+                hub_cache=None,
+                estimated_max=settings.estimated_max,
+                quantization=settings.quantization,
             )
         raise ModelPreparationError(
             f"RERANK_MODEL_PATH={path} is neither a prepared model folder ({MANIFEST_NAME}) nor a "
@@ -274,4 +286,5 @@ def resolve_model(settings: Settings) -> Path:
         revision=revision,
         hub_cache=Path(settings.cache_dir) / "hub",
         estimated_max=settings.estimated_max,
+        quantization=settings.quantization,
     )

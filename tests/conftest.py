@@ -26,6 +26,7 @@ CACHE_ROOT = Path(os.environ.get("RERANK_TEST_CACHE", REPO_ROOT / ".cache" / "te
 
 # The tiny model has neither published shape, so its normalization constant is given explicitly (large-v2's).
 TINY_ESTIMATED_MAX = "12.0"
+TINY_INT8_GATE = ("--int8-max-abs-diff", "10", "--int8-min-spearman", "-1")
 
 
 def _recipe_key(*parts: object) -> str:
@@ -61,26 +62,28 @@ def tiny_hf_model(max_position_embeddings: int = 32768) -> Path:
 
 
 def prepared_model(hf_dir: Path, *, quantize: str = "int8") -> Path:
-    """Run the project's own export command on an HF folder (cached)."""
-    from engines import export as export_module  # the export code is part of the recipe
+    """Run the project's own export command on an HF folder (cached).
 
-    key = _recipe_key("prepared", hf_dir.name, quantize, inspect.getsource(export_module))
+    Random weights say nothing about int8 fidelity (the trained-weights tier does): the int8 gate is opened
+    wide so that the tiny model gets both graphs, and the tests exercise the int8 path's mechanics.
+    """
+    from engines import export as export_module  # the export code is part of the recipe
+    from engines import quantize as quantize_module
+
+    key = _recipe_key(
+        "prepared",
+        hf_dir.name,
+        quantize,
+        inspect.getsource(export_module),
+        inspect.getsource(quantize_module),
+    )
 
     def build(out: Path) -> None:
         from gateway.cli import main
 
-        rc = main(
-            [
-                "export",
-                str(hf_dir),
-                "--out",
-                str(out),
-                "--quantize",
-                quantize,
-                "--estimated-max",
-                TINY_ESTIMATED_MAX,
-            ]
-        )
+        args = ["export", str(hf_dir), "--out", str(out), "--quantize", quantize]
+        args += ["--estimated-max", TINY_ESTIMATED_MAX, *TINY_INT8_GATE]
+        rc = main(args)
         assert rc == 0, f"rerank-gateway export failed with exit status {rc}"
 
     return cached_build(f"tiny-prepared-{hf_dir.name}", key, build)

@@ -13,7 +13,7 @@ import pytest
 
 from engines.base import Engine, EngineFailure, EngineUnavailable, ModelPreparationError
 from engines.contract import Prompt, PromptBuilder
-from engines.export import spearman
+from engines.fidelity import spearman
 from engines.model_store import MANIFEST_NAME
 from engines.onnx_engine import OnnxEngine, plan_batches
 from engines.reference import ReferenceEngine, reference_source

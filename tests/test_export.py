@@ -16,6 +16,7 @@ from engines.base import ModelPreparationError
 from engines.contract import CONTRACT_VERSION
 from engines.model_store import MANIFEST_NAME, load_manifest, resolve_model, sha256_file, verify_model_dir
 from gateway.cli import main
+from tests.conftest import TINY_INT8_GATE
 
 TINY_VOCAB = 151936
 TINY_HIDDEN = 128
@@ -86,27 +87,73 @@ def test_export_prints_verification_and_honours_its_options(tmp_path: Path, tiny
             str(out),
             "--quantize",
             "int8",
-            "--per-channel",
+            *TINY_INT8_GATE,
             "--verify-samples",
-            "3",
+            "4",
             "--opset",
             "18",
         ]
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    fp32 = re.search(r"verify fp32: max \|onnx - torch\| = (\S+) over 3 prompts", printed)
-    int8 = re.search(r"verify int8: max \|int8 - fp32\| = (\S+),.*Spearman\(int8, fp32\) = (\S+)", printed)
+    fp32 = re.search(r"verify fp32: max \|onnx - torch\| = (\S+) over 4 prompts", printed)
+    int8 = re.search(r"verify int8: max \|int8 - fp32\| = (\S+),.*Spearman mean (\S+) / min (\S+)", printed)
     assert fp32, printed
     assert int8, printed
     print(printed)  # visible with -s: the verification figures
     assert float(fp32.group(1)) < 1e-4
     assert 0 < float(int8.group(1)) < 2.0
     manifest = load_manifest(out)
-    assert manifest.per_channel is True
     assert manifest.raw["opset"] == 18
-    assert manifest.raw["verification"]["samples"] == 3
+    assert manifest.raw["verification"]["samples"] == 4
+    # What was written, and how faithful it measured, is recorded next to the graphs.
+    int8_record = manifest.precision["int8"]
+    assert int8_record["scheme"].startswith("w8a8")
+    assert int8_record["fidelity_vs_fp32"]["max_abs_diff"] == pytest.approx(float(int8.group(1)), rel=1e-2)
+    assert int8_record["bound"] == {"max_abs_diff": 10.0, "spearman_min": -1.0}
+    assert manifest.precision["fp32"]["max_abs_diff_vs_torch"] < 1e-4
     assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 18
+
+
+def test_export_refuses_an_int8_graph_outside_its_fidelity_bound(tmp_path: Path, tiny_hf_dir: Path, capsys):
+    out = tmp_path / "prepared"
+    rc = main(
+        [
+            "export",
+            str(tiny_hf_dir),
+            "--estimated-max",
+            "12",
+            "--out",
+            str(out),
+            "--quantize",
+            "int8",
+            "--verify-samples",
+            "4",
+            "--int8-max-abs-diff",
+            "1e-6",
+        ]
+    )
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "max |Δraw|" in line
+    assert "> 1e-06" in line
+    assert "--int8-max-abs-diff" in line
+    assert "--quantize none" in line
+    assert not out.exists()  # nothing half-written is left behind
+
+
+def test_int8_graph_quantizes_every_weight_matrix_per_channel(tiny_model_dir: Path):
+    model = onnx.load(str(tiny_model_dir / "model.int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    # 2 layers x (q, k, v, o, gate, up, down); the last layer's query path runs for one row.
+    assert ops.count("MatMulInteger") == 14
+    assert "DynamicQuantizeLinear" not in ops  # no per-tensor activation scale anywhere
+    weights = [i for i in model.graph.initializer if i.name.endswith("/wq")]
+    assert len(weights) == 14
+    assert all(w.data_type == onnx.TensorProto.INT8 for w in weights)
+    for w in weights:
+        q = onnx.numpy_helper.to_array(w)
+        assert np.abs(q).max() <= 63  # 7-bit: no int16 saturation on AVX2's VPMADDUBSW
 
 
 def test_export_without_quantization_writes_no_int8_graph_and_the_engine_says_so(tmp_path: Path, tiny_hf_dir):
@@ -218,7 +265,7 @@ def test_resolve_exports_a_plain_hf_folder_into_the_cache_once(tmp_path: Path, t
     first = resolve_model(settings)
     assert load_manifest(first).estimated_max == 11.0
     assert first.is_relative_to(tmp_path / "cache")
-    manifest = verify_model_dir(first, "int8")
+    manifest = verify_model_dir(first, "fp32")
     assert manifest.source == str(tiny_hf_dir.resolve())
     stamp = (first / MANIFEST_NAME).stat().st_mtime_ns
     assert resolve_model(settings) == first
@@ -411,7 +458,7 @@ def test_export_records_an_explicit_estimated_max_and_where_it_came_from(tmp_pat
             "--quantize",
             "none",
             "--verify-samples",
-            "1",
+            "2",
             "--estimated-max",
             "9",
         ]

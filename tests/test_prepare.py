@@ -32,8 +32,10 @@ def test_prepare_exports_an_hf_folder_once_into_the_cache(tiny_hf_dir: Path, tmp
     prepared = Path(first.stdout.strip().splitlines()[-1])
     assert prepared.is_dir()
     assert cache in prepared.parents
-    manifest = verify_model_dir(prepared, "int8", True)
-    assert manifest.graph_file("int8") == "model.int8.onnx"
+    # The default engine is fp32: that is what serve prepares.
+    manifest = verify_model_dir(prepared, "fp32", True)
+    assert manifest.graph_file("fp32") == "model.onnx"
+    assert "int8" not in manifest.graphs
     # The second run finds the prepared copy (same folder, no new export).
     mtime = (prepared / "rerank_manifest.json").stat().st_mtime_ns
     second = prepare(
