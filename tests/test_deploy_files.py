@@ -537,7 +537,8 @@ def test_modal_cpu_app_serves_the_same_app_as_rerank_gateway_serve(gateway_env, 
     from modal_deploy import cpu_app
 
     served: list[FastAPI] = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append(app))
+    # `serve` hands its app to gateway.http_server.serve_app (uvicorn with the gateway's connection limits).
+    monkeypatch.setattr("gateway.http_server.serve_app", lambda app, *args, **kwargs: served.append(app))
     assert main(["serve"]) == 0
     get_settings.cache_clear()
     with warnings.catch_warnings():
