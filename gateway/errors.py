@@ -89,6 +89,13 @@ class PayloadTooLarge(GatewayError):
     error_type = "payload_too_large"
 
 
+class BodyTooLarge(PayloadTooLarge):
+    """The body is over RERANK_MAX_BODY_BYTES (413); the connection closes, since the rest is not read."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class Overloaded(GatewayError):
     """The queue is full; retry after `retry_after_s` (429)."""
 

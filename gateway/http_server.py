@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engines.base import EngineError, ModelPreparationError
 from gateway.errors import ShuttingDown
+from gateway.metrics import CONNECTIONS_CLOSED
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -186,6 +187,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or not self._awaiting_head():
             return
+        CONNECTIONS_CLOSED.labels("header_timeout").inc()
         self.reply_and_close(
             408,
             f"the request headers did not arrive within {self.limits.header_read_timeout_s:g} s "
@@ -205,6 +207,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         if self.conn.error_status == 431:
+            CONNECTIONS_CLOSED.labels("headers_too_large").inc()
             self.reply_and_close(
                 431,
                 f"the request line and headers are over {self.limits.max_header_bytes} bytes "
@@ -230,8 +233,10 @@ class GuardedH11Protocol(H11Protocol):
                 victim, oldest = other, since
         if victim is not None:
             # An idle connection costs its client one reconnect; a refused one costs a real request.
+            CONNECTIONS_CLOSED.labels("evicted_idle").inc()
             victim.close_idle()
             return
+        CONNECTIONS_CLOSED.labels("over_capacity").inc()
         self.reply_and_close(
             503,
             f"the gateway holds {self.limits.max_connections} busy connections (RERANK_MAX_CONNECTIONS): "

@@ -23,7 +23,14 @@ from json.decoder import scanstring
 from json.scanner import make_scanner
 from typing import Any
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, clip
+from gateway.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    clip,
+)
 
 # No rerank request needs deeper nesting; pydantic's serializer refuses ~255 levels when echoing documents.
 MAX_DEPTH = 64
@@ -73,7 +80,7 @@ async def read_body(
 ) -> bytes:
     """The raw body: 413 over `max_bytes` (from Content-Length or while reading), 408 past `timeout_s`."""
     if declared_length and declared_length.isdigit() and int(declared_length) > max_bytes:
-        raise PayloadTooLarge(
+        raise BodyTooLarge(
             f"the body has {int(declared_length)} bytes; this server takes at most {max_bytes} "
             "(RERANK_MAX_BODY_BYTES): send fewer or shorter documents",
             code="body_too_large",
@@ -95,7 +102,7 @@ async def read_body(
             ) from None
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(
+            raise BodyTooLarge(
                 f"the body is over {max_bytes} bytes (RERANK_MAX_BODY_BYTES): "
                 "send fewer or shorter documents",
                 code="body_too_large",

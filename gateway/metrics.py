@@ -125,3 +125,10 @@ ENGINE_ERRORS = Counter(
     ["engine", "kind"],
     registry=REGISTRY,
 )
+CONNECTIONS_CLOSED = Counter(
+    "rerank_connections_closed_total",
+    "Client connections closed by the server before a request reached the app, by reason "
+    "(header_timeout, headers_too_large, evicted_idle, over_capacity).",
+    ["reason"],
+    registry=REGISTRY,
+)

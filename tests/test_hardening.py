@@ -184,6 +184,15 @@ def read_until_closed(sock: socket.socket) -> bytes:
         data += chunk
 
 
+def connections_closed(url: str, reason: str) -> float:
+    """`rerank_connections_closed_total{reason}` from the server's /metrics."""
+    needle = f'rerank_connections_closed_total{{reason="{reason}"}} '
+    for line in httpx.get(f"{url}/metrics", timeout=BOUND_S).text.splitlines():
+        if line.startswith(needle):
+            return float(line[len(needle) :])
+    return 0.0
+
+
 def http_status_and_body(raw: bytes) -> tuple[int, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), json.loads(body)
@@ -193,6 +202,7 @@ def http_status_and_body(raw: bytes) -> tuple[int, dict]:
 
 
 def test_a_silent_connection_gets_408_and_is_closed(server):
+    before = connections_closed(server.url, "header_timeout")
     with connect(server) as sock:
         started = time.monotonic()
         raw = read_until_closed(sock)
@@ -202,6 +212,7 @@ def test_a_silent_connection_gets_408_and_is_closed(server):
     assert body["error"]["code"] == "header_timeout"
     assert "RERANK_HEADER_READ_TIMEOUT_S" in body["error"]["message"]
     assert HEAD_TIMEOUT_S - 0.5 <= waited < HEAD_TIMEOUT_S + BOUND_S
+    assert connections_closed(server.url, "header_timeout") >= before + 1
 
 
 def test_a_head_sent_byte_by_byte_gets_408_at_the_head_deadline(server):
@@ -265,6 +276,7 @@ def test_a_head_over_the_limit_is_431_whether_it_comes_whole_or_in_pieces(server
     assert response.status_code == 431
     assert response.json()["error"]["code"] == "headers_too_large"
     assert "RERANK_MAX_HEADER_BYTES" in response.json()["error"]["message"]
+    assert connections_closed(server.url, "headers_too_large") >= 1
     # A head that arrives in pieces is cut off as soon as it passes the limit.
     with connect(server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"a" * 65536)
@@ -316,6 +328,7 @@ def test_silent_sockets_cannot_use_up_the_servers_file_descriptors(start_server)
     assert took < BOUND_S
     # The longest-idle sockets were closed to make room: at most the cap stays open.
     assert still_open <= 256 - 128, still_open
+    assert connections_closed(srv.url, "evicted_idle") >= 300 - (256 - 128)
     assert "Too many open files" not in srv.log()
 
 
