@@ -1,5 +1,10 @@
 """Engine benchmark: the official wrapper (torch fp32) vs the ONNX engine (fp32, int8), interleaved.
 
+Engines: `wrapper` (MxbaiRerankV2.rank), `onnx-fp32` (the default engine), `onnx-int8` (per-token int8
+activations x per-channel weights, one prompt per run) and `onnx-int8-tensor`: onnxruntime's dynamic int8
+with one activation scale per tensor, what the int8 engine was before it was measured on trained weights
+(quantized here from the fp32 graph, for comparison only: it ranks almost at random on trained weights).
+
 On a random-weight model of a real shape (bench/configs/<shape>.config.json; speed depends on the shape
 only), 1 query x N documents whose prompts are about 150 and about 300 tokens. Each round times every
 engine on every workload, rotating the engine order, so that load from other processes on a shared machine
@@ -7,14 +12,16 @@ hits all engines alike; the table reports the median pairs/s over rounds, the ra
 memory (RSS growth at load, and peak RSS above the pre-call level while scoring).
 
 The model is built once with tests/tiny_model.build_shaped_model and prepared with this checkout's
-`rerank-gateway export --quantize int8`, cached under .cache/bench-models/ (the prepared folder is keyed by
-the export code, so it is rebuilt when the export changes). Building and exporting take several minutes
-on 2 cores; a full run of the default workload takes 10 to 20 minutes there.
+`rerank-gateway export --quantize int8` (int8 gate opened: random weights say nothing about fidelity),
+cached under .cache/bench-models/ (the prepared folder is keyed by the export code, so it is rebuilt when the
+export changes). `--trained` runs the same on the trained model of the base-v2 shape (bench/trained_model.py,
+needs the `trained` extra) instead; speed depends only on the shape, fidelity does not. Building and
+exporting take several minutes on 2 cores; a full run of the default workload takes 10 to 20 minutes there.
 
     python bench/bench_engines.py
     python bench/bench_engines.py --docs 8 --rounds 1 --tokens 150        # a quick look
 
-Target (issue 2): the int8 engine >= 3x the wrapper's pairs/s in the same run.
+The header names the CPU's vector features (AVX2, AVX-512, VNNI, AMX): int8 gains most where VNNI exists.
 """
 
 from __future__ import annotations
@@ -39,15 +46,49 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 CACHE = REPO_ROOT / ".cache" / "bench-models"
-ENGINES = ("wrapper", "onnx-fp32", "onnx-int8")
+ENGINES = ("wrapper", "onnx-fp32", "onnx-int8", "onnx-int8-tensor")
+TENSOR_INT8_GRAPH = "model.int8-tensor.onnx"
 
 
 # --- model -------------------------------------------------------------------------------------------
 
 
+def _prepare(hf_dir: Path, prepared: Path) -> Path:
+    """Export `hf_dir` into `prepared` once (fp32 and int8), plus the per-tensor int8 graph for comparison."""
+    if (prepared / ".complete").is_file():
+        return prepared
+    print(f"exporting {hf_dir} with rerank-gateway export into {prepared} (minutes) ...", file=sys.stderr)
+    from gateway.cli import main
+
+    tmp = prepared.with_name(prepared.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = ["export", str(hf_dir), "--out", str(tmp), "--quantize", "int8", "--verify-samples", "4"]
+    rc = main([*args, "--int8-max-abs-diff", "1000", "--int8-min-spearman", "-1"])
+    if rc != 0:
+        raise SystemExit(f"rerank-gateway export failed with exit status {rc}")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(tmp / "model.onnx"),
+        str(tmp / TENSOR_INT8_GRAPH),
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    (tmp / ".complete").write_text("ok\n")
+    tmp.rename(prepared)
+    return prepared
+
+
+def _export_key() -> str:
+    from engines import export as export_module
+    from engines import quantize as quantize_module
+
+    sources = inspect.getsource(export_module) + inspect.getsource(quantize_module)
+    return hashlib.sha256(sources.encode()).hexdigest()[:10]
+
+
 def shaped_model(shape: str) -> tuple[Path, Path]:
     """(HF folder, prepared folder) of a random-weight model of `shape`, built and exported once."""
-    from engines import export as export_module
     from tests import tiny_model
 
     hf_dir = CACHE / f"{shape}-random-hf"
@@ -56,20 +97,31 @@ def shaped_model(shape: str) -> tuple[Path, Path]:
         shutil.rmtree(hf_dir, ignore_errors=True)
         tiny_model.build_shaped_model(hf_dir, shape)
         (hf_dir / ".complete").write_text("ok\n")
-    key = hashlib.sha256(inspect.getsource(export_module).encode()).hexdigest()[:10]
-    prepared = CACHE / f"{shape}-random-prepared-{key}"
-    if not (prepared / ".complete").is_file():
-        print(f"exporting it with rerank-gateway export into {prepared} (minutes) ...", file=sys.stderr)
-        from gateway.cli import main
+    return hf_dir, _prepare(hf_dir, CACHE / f"{shape}-random-prepared-{_export_key()}")
 
-        tmp = prepared.with_name(prepared.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        rc = main(["export", str(hf_dir), "--out", str(tmp), "--quantize", "int8", "--verify-samples", "4"])
-        if rc != 0:
-            raise SystemExit(f"rerank-gateway export failed with exit status {rc}")
-        (tmp / ".complete").write_text("ok\n")
-        tmp.rename(prepared)
-    return hf_dir, prepared
+
+def trained(shape: str = "mxbai-rerank-base-v2") -> tuple[Path, Path]:
+    """(HF folder, prepared folder) of the trained base-v2-shaped model (bench/trained_model.py)."""
+    from bench.trained_model import build_trained_hf_dir
+
+    hf_dir = CACHE / "trained-hf"
+    if not (hf_dir / ".complete").is_file():
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        build_trained_hf_dir(hf_dir, say=lambda m: print(m, file=sys.stderr))
+        (hf_dir / ".complete").write_text("ok\n")
+    return hf_dir, _prepare(hf_dir, CACHE / f"trained-prepared-{_export_key()}")
+
+
+def cpu_features() -> str:
+    """The vector features that decide int8 and bf16 speed, from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown CPU features"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    return "CPU: " + (", ".join(have) if have else "no AVX2")
 
 
 # --- memory --------------------------------------------------------------------------------------------
@@ -156,6 +208,25 @@ def load_runners(
                     out[r.index] = r.score
                 return out
 
+        elif name == "onnx-int8-tensor":
+            import numpy as np
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            session = ort.InferenceSession(
+                str(prepared / TENSOR_INT8_GRAPH), options, providers=["CPUExecutionProvider"]
+            )
+
+            def score(query, documents, session=session):
+                # One prompt per run, as the old int8 engine ran it.
+                out = []
+                for p in builder.build(query, documents):
+                    ids = np.array([p.input_ids], dtype=np.int64)
+                    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                    out.append(float(session.run(["score"], feed)[0][0]))
+                return out
+
         else:
             from engines.onnx_engine import OnnxEngine
 
@@ -203,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="mxbai-rerank-base-v2")
+    parser.add_argument(
+        "--trained", action="store_true", help="The trained base-v2-shaped model instead of random weights."
+    )
     parser.add_argument("--docs", type=int, default=32, help="Documents per query (default 32).")
     parser.add_argument("--tokens", default="150,300", help="Prompt sizes in tokens (default 150,300).")
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds (median reported).")
@@ -221,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown engines {sorted(unknown)}: choose from {', '.join(ENGINES)}")
     sizes = [int(t) for t in args.tokens.split(",")]
 
+    prepare = trained if args.trained else shaped_model
     if args.prepare_only:
-        shaped_model(args.shape)
+        prepare(args.shape)
         return 0
     # Build and export in a child process: this one's RSS then measures only the engines.
-    subprocess.run([sys.executable, __file__, "--prepare-only", "--shape", args.shape], check=True)
-    hf_dir, prepared = shaped_model(args.shape)
+    child = [sys.executable, __file__, "--prepare-only", "--shape", args.shape]
+    subprocess.run(child + (["--trained"] if args.trained else []), check=True)
+    hf_dir, prepared = prepare(args.shape)
     load_start = os.getloadavg()
     base_rss = rss_bytes()
     workloads = {t: workload(prepared, t, args.docs) for t in sizes}
@@ -255,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
 
     print(
-        f"\n{args.shape} random weights, 1 query x {args.docs} documents, {args.rounds} interleaved rounds; "
+        f"\n{args.shape} {'trained' if args.trained else 'random'} weights, 1 query x {args.docs} documents, "
+        f"{args.rounds} interleaved rounds; {cpu_features()}; "
         f"{os.cpu_count()} cores, load average {load_start[0]:.1f} at start and {load_end[0]:.1f} at end "
         f"(other processes share the CPU); wrapper: MxbaiRerankV2.rank(batch_size={args.wrapper_batch}) "
         f"torch {__import__('torch').get_num_threads() if 'wrapper' in names else '-'} threads; onnx: "
@@ -288,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         if {"wrapper", "onnx-fp32"} <= have:
             d = max(abs(a - b) for a, b in zip(scores[(t, "wrapper")], scores[(t, "onnx-fp32")], strict=True))
             print(f"{t} tokens: max |onnx fp32 - wrapper| = {d:.2e}")
-        if {"onnx-int8", "onnx-fp32"} <= have:
-            a, b = scores[(t, "onnx-int8")], scores[(t, "onnx-fp32")]
-            d = max(abs(x - y) for x, y in zip(a, b, strict=True))
-            print(f"{t} tokens: max |int8 - fp32| = {d:.3g}, Spearman = {spearman(a, b):.4f}")
+        for int8 in ("onnx-int8", "onnx-int8-tensor"):
+            if {int8, "onnx-fp32"} <= have:
+                a, b = scores[(t, int8)], scores[(t, "onnx-fp32")]
+                d = max(abs(x - y) for x, y in zip(a, b, strict=True))
+                print(f"{t} tokens: max |{int8} - fp32| = {d:.3g}, Spearman = {spearman(a, b):.4f}")
     return 0
 
 

@@ -91,9 +91,11 @@ def quantize_w8a8(
     inv127 = numpy_helper.from_array(np.array(1.0 / 127.0, dtype=np.float32), "w8a8/inv127")
     eps = numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "w8a8/eps")
     offset = numpy_helper.from_array(np.array(128.0, dtype=np.float32), "w8a8/offset")
-    last_axis = numpy_helper.from_array(np.array([-1], dtype=np.int64), "w8a8/last_axis")
-    new_inits += [u8_zero, inv127, eps, offset, last_axis]
+    new_inits += [u8_zero, inv127, eps, offset]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    last_axis = numpy_helper.from_array(np.array([-1], dtype=np.int64), "w8a8/last_axis")
+    if opset >= 18:
+        new_inits.append(last_axis)
     used_weights: set[str] = set()
     for g, (x_name, members) in enumerate(groups.items()):
         members = [(n, w) for n, w in members if weight_key(w) not in options.keep_fp32]

@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     max_length: int = Field(8192, ge=1, description="The contract's max_length (query + document tokens).")
     quantization: Literal["fp32", "int8"] = Field(
         "fp32",
-        description="Which ONNX graph to serve: fp32 (the official scores, the default) or int8 (faster where "
-        "the CPU has VNNI; its measured fidelity is in the manifest and the README).",
+        description="Which ONNX graph to serve: fp32 (the official scores, the default) or int8 (faster "
+        "where the CPU has VNNI; its measured fidelity is in the manifest and the README).",
     )
     auto_export: bool = Field(
         True, description="Export the hub model on first start if no prepared copy exists."

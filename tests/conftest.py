@@ -125,6 +125,45 @@ def make_settings(tiny_model_dir: Path, tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def trained_hf_dir() -> Path:
+    """fp32 HF folder of the trained base-v2-shaped model (bench/trained_model.py), built once and cached."""
+    import importlib.util
+
+    from bench import trained_model
+
+    try:
+        trained_model.part_files()
+        if importlib.util.find_spec("gguf") is None:
+            raise trained_model.TrainedModelUnavailable("PyPI `gguf` is not installed")
+    except trained_model.TrainedModelUnavailable as exc:
+        require_real_component("the trained model", f"{exc} (scripts/test.sh realweights installs them)")
+    key = _recipe_key("trained", trained_model.GGUF_SHA256, inspect.getsource(trained_model))
+    return cached_build("trained-hf", key, lambda out: trained_model.build_trained_hf_dir(out))
+
+
+@pytest.fixture(scope="session")
+def trained_dir(trained_hf_dir: Path) -> Path:
+    """The trained model prepared by `rerank-gateway export` with both graphs and no --estimated-max (the
+    shape must give it). The int8 gate is opened so that the tier can measure int8 whatever it reaches; the
+    gate itself is tested on the tiny model and against these figures."""
+    from engines import export as export_module
+    from engines import quantize as quantize_module
+
+    key = _recipe_key(
+        "trained-prepared", inspect.getsource(export_module), inspect.getsource(quantize_module)
+    )
+
+    def build(out: Path) -> None:
+        from gateway.cli import main
+
+        args = ["export", str(trained_hf_dir), "--out", str(out), "--quantize", "int8"]
+        rc = main([*args, "--int8-max-abs-diff", "1000", "--int8-min-spearman", "-1"])
+        assert rc == 0, f"rerank-gateway export failed with exit status {rc}"
+
+    return cached_build("trained-prepared", key, build)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     import socket
