@@ -1,9 +1,9 @@
-"""Modal: the gateway on CPU (ONNX Runtime int8), the same ASGI app as `rerank-gateway serve`.
+"""Modal: the gateway on CPU (ONNX Runtime fp32), the same ASGI app as `rerank-gateway serve`.
 
 Deploy and smoke-test (from the repository root, with a Modal token):
 
     modal deploy -m modal_deploy.cpu_app      # builds the images; the export image's build step exports and
-                                              # int8-quantizes the model into the `rerank-models` volume once
+                                              # the model into the `rerank-models` volume once (ONNX fp32)
     modal run -m modal_deploy.cpu_app         # /ready, POST /v1/rerank and POST /rerank on the deployed URL
 
     curl -X POST https://<workspace>--rerank-gateway-cpu-web.modal.run/v1/rerank \
@@ -45,14 +45,14 @@ GATEWAY_ENV = {
     "RERANK_MODEL": MODEL,
     "RERANK_MODEL_REVISION": MODEL_REVISION,
     "RERANK_CACHE_DIR": MODELS_DIR,
-    "RERANK_QUANTIZATION": "int8",
+    "RERANK_QUANTIZATION": "fp32",
     "RERANK_ONNX_INTRA_OP_THREADS": str(int(CPU_CORES)),
     **({"RERANK_API_KEYS": os.environ["RERANK_API_KEYS"]} if os.environ.get("RERANK_API_KEYS") else {}),
 }
 
 
 def prepare_model_into_volume(model: str, revision: str, models_dir: str = MODELS_DIR) -> str:
-    """Export + int8-quantize the model into the volume, unless a complete copy is already there.
+    """Export the model (ONNX fp32) into the volume, unless a complete copy is already there.
 
     The gateway's own resolution does it (engines.model_store.resolve_model), so the folder lands exactly
     where the serving containers look for it.

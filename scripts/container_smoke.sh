@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the compose first-start path with podman as the Docker engine (no registry needed):
 # builds the exporter and runtime targets of Dockerfile.cpu, then `docker compose up gateway` runs model-prep
-# (exports + int8-quantizes the tiny test model into the models folder), starts the gateway, and one
+# (exports the tiny test model into the models folder), starts the gateway, and one
 # /v1/rerank request is checked; a second `up` must find the prepared copy and skip the export.
 #   bash scripts/container_smoke.sh          (after scripts/podman_setup.sh; uses .cache/test-models)
 # Torch comes from a local wheelhouse when WHEELS (default /opt/wheels) holds a CPU wheel, else from the
@@ -51,7 +51,7 @@ cp -r "$HF_DIR" "$work/models/src"
 chmod -R a+rwX "$work/models"
 compose() {
   DOCKER_HOST="unix://$work/podman.sock" RERANK_IMAGE=localhost/rerank-gateway:smoke \
-    RERANK_MODELS_VOLUME="$work/models" RERANK_MODEL_PATH=/models/src RERANK_PORT="$PORT" \
+    RERANK_MODELS_VOLUME="$work/models" RERANK_MODEL_PATH=/models/src RERANK_ESTIMATED_MAX=12 RERANK_PORT="$PORT" \
     "$COMPOSE_BIN" -f docker-compose.yml --env-file /dev/null -p "$project" "$@"
 }
 t0=$(date +%s)
