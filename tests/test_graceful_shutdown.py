@@ -89,7 +89,7 @@ class GatedServer:
         return float(found.group(1))
 
     async def wait_until_holding(self, client: httpx.AsyncClient, requests: int) -> None:
-        """Until `requests` rerank requests are in flight (and /metrics itself) and the engine is at the gate."""
+        """Until `requests` rerank requests and /metrics itself are in flight, and the engine waits."""
         deadline = time.monotonic() + SETTLE_BOUND_S
         while True:
             in_flight = await self.metric(client, "rerank_requests_in_flight")
