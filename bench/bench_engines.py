@@ -62,7 +62,8 @@ def _prepare(hf_dir: Path, prepared: Path) -> Path:
 
     tmp = prepared.with_name(prepared.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = ["export", str(hf_dir), "--out", str(tmp), "--quantize", "int8", "--verify-samples", "4"]
+    # The default --verify-samples: they are also the int8 calibration prompts.
+    args = ["export", str(hf_dir), "--out", str(tmp), "--quantize", "int8"]
     rc = main([*args, "--int8-max-abs-diff", "1000", "--int8-min-spearman", "-1"])
     if rc != 0:
         raise SystemExit(f"rerank-gateway export failed with exit status {rc}")

@@ -49,6 +49,9 @@ class EngineInfo:
     max_batch_pairs: int
     # Engines that batch internally (vLLM) are sent large slices, several at once.
     max_concurrent_batches: int = 1
+    # The numbers the scores are computed in ("fp32", "int8"; "sidecar" when the sidecar's own --dtype
+    # decides), reported by /ready so an operator knows which fidelity figures apply.
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,7 @@ class OnnxEngine:
             padded=self.rows_per_run > 1,
             max_batch_tokens=max_batch_tokens,
             max_batch_pairs=max_batch_pairs,
+            precision=quantization,
         )
         self._session: ort.InferenceSession | None = None
         self._manifest: Manifest | None = None

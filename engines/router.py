@@ -246,8 +246,16 @@ class RoutedEngine:
         ENGINE_HEALTHY.labels(self._primary_name).set(int(primary_ok))
         ENGINE_HEALTHY.labels(self._fallback_name).set(int(fallback_ok))
         return {
-            "primary": {"engine": self._primary_name, "healthy": primary_ok},
-            "fallback": {"engine": self._fallback_name, "healthy": fallback_ok},
+            "primary": {
+                "engine": self._primary_name,
+                "healthy": primary_ok,
+                "precision": self.primary.info.precision,
+            },
+            "fallback": {
+                "engine": self._fallback_name,
+                "healthy": fallback_ok,
+                "precision": self.fallback.info.precision,
+            },
             "circuit": self.breaker.state.name.lower(),
             "config_problem": self.config_problem,
             "consecutive_failures": self.breaker.consecutive_failures,

@@ -83,6 +83,7 @@ class VllmEngine:
             max_batch_tokens=max_batch_tokens,
             max_batch_pairs=max_batch_pairs,
             max_concurrent_batches=max_concurrent_batches,
+            precision="sidecar",
         )
         self._client: httpx.AsyncClient | None = None
         # Why the sidecar cannot serve this gateway although it is up (it serves another model), or None.

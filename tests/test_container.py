@@ -319,7 +319,9 @@ def test_compose_gateway_service_serves_a_mounted_prepared_model(
                 pass
             assert time.monotonic() < deadline, run("logs", "gateway").stdout[-4000:]
             time.sleep(0.5)
-        assert ready.json()["engines"] == {"onnx": {"healthy": True}}  # no vLLM without the gpu profile
+        assert ready.json()["engines"] == {
+            "onnx": {"healthy": True, "precision": "fp32"}
+        }  # no vLLM without the gpu profile
         resp = httpx.post(
             f"{url}/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2}, timeout=60
         )

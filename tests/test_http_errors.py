@@ -386,4 +386,4 @@ async def test_before_the_engine_is_warm_ready_is_503_and_rerank_asks_to_retry(t
 def test_ready_reports_the_engine_once_warm(client):
     body = client.get("/ready").json()
     assert body["status"] == "ready"
-    assert body["engines"] == {"onnx": {"healthy": True}}
+    assert body["engines"] == {"onnx": {"healthy": True, "precision": "fp32"}}

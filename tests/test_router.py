@@ -464,8 +464,8 @@ async def test_down_primary_sends_every_batch_to_onnx_with_no_error(prompts, fal
         assert sample(metrics.FALLBACKS, reason="circuit_open") - before == 8
         assert sample(metrics.CIRCUIT_STATE, engine="vllm") == CircuitState.OPEN.value
         status = await router.status()
-        assert status["primary"] == {"engine": "vllm", "healthy": False}
-        assert status["fallback"] == {"engine": "onnx", "healthy": True}
+        assert status["primary"] == {"engine": "vllm", "healthy": False, "precision": "sidecar"}
+        assert status["fallback"] == {"engine": "onnx", "healthy": True, "precision": "fp32"}
         assert status["circuit"] == "open"
         assert await router.health() is True  # the fallback can answer
     finally:

@@ -175,7 +175,7 @@ def wait_for_circuit(url: str, state: str, bound_s: float) -> dict:
 
 def test_vllm_scores_through_the_gateway_equal_onnx_fp32_and_the_official_wrapper(expected, gateway):
     router = wait_for_circuit(gateway, "closed", 30)
-    assert router["primary"] == {"engine": "vllm", "healthy": True}
+    assert router["primary"] == {"engine": "vllm", "healthy": True, "precision": "sidecar"}
     worst = {"short": [0.0, 0.0], "long": [0.0, 0.0]}  # [vs onnx, vs wrapper]
     longest = 0
     with httpx.Client(base_url=gateway, timeout=120) as client:
@@ -364,7 +364,7 @@ def test_killed_sidecar_falls_back_to_onnx_and_traffic_returns_after_restart(gat
         first_onnx = stream.wait_for("onnx", after=killed_at, bound_s=FALLBACK_BOUND_S)
         router = wait_for_circuit(gateway, "open", FALLBACK_BOUND_S)
         assert router["primary"]["healthy"] is False
-        assert router["fallback"] == {"engine": "onnx", "healthy": True}
+        assert router["fallback"] == {"engine": "onnx", "healthy": True, "precision": "fp32"}
         try:
             sidecar.start()
         except SidecarError as exc:

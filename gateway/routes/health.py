@@ -29,7 +29,9 @@ class ReadyResponse(BaseModel):
     reason: str | None = Field(None, description="Why the gateway is not ready, when it knows.")
     engines: dict[str, Any] = Field(
         default_factory=dict,
-        description="Per engine state: `{name: {healthy}}`, or the router's status (engines, circuits).",
+        description="Per engine state: `{name: {healthy, precision}}`, or the router's status (engines with "
+        "their precision, circuit). precision: fp32 or int8 for the ONNX engine, sidecar for vLLM (its "
+        "--dtype decides).",
     )
 
 
@@ -56,7 +58,11 @@ async def ready(request: Request) -> JSONResponse:
     except EngineError:
         healthy = False
     status_fn = getattr(engine, "status", None)
-    engines = dict(await status_fn()) if callable(status_fn) else {engine.info.name: {"healthy": healthy}}
+    engines = (
+        dict(await status_fn())
+        if callable(status_fn)
+        else {engine.info.name: {"healthy": healthy, "precision": engine.info.precision}}
+    )
     # A misconfigured primary is not ready even while a fallback answers: falling back silently for
     # every request is exactly what an operator must hear about.
     problem = getattr(engine, "config_problem", None)
