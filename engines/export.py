@@ -3,9 +3,10 @@
 The graph takes `input_ids` and `attention_mask` (int64, [batch, sequence], left padded) and returns
 `score` [batch] = h_last · (W["1"] - W["0"]) (+ the bias difference when the head has one). The LM head is
 reduced to that one direction at export, so the full-vocabulary projection is never computed; position ids
-are derived from the mask inside the graph, so left padding gives the same numbers as no padding. Optional
-dynamic int8 quantization writes `model.int8.onnx` next to the fp32 graph. Both graphs are checked against
-torch on sample prompts built by engines.contract.PromptBuilder before the manifest is written.
+are derived from the mask inside the graph, so left padding gives the same fp32 numbers as no padding (to
+~1e-6). `--quantize int8` also writes `model.int8.onnx` (engines.quantize), calibrated on the sample prompts
+and written only if it follows fp32 within a bound. Both graphs are checked against torch on sample prompts
+built by engines.contract.PromptBuilder before the manifest is written; a failed export leaves nothing.
 
 torch, transformers and onnx are imported inside the functions: importing this module is cheap.
 """
@@ -158,8 +159,9 @@ def _score_module(model, yes_id: int, no_id: int):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             # Positions count real tokens only: a left-padded row gets the positions it has unpadded.
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            # Padding rows are held at zero: dynamic int8 quantizes activations with one scale per tensor,
-            # and zero rows never widen its range, so padding does not move the other rows' scores.
+            # Padding rows start at zero (the q/k/v biases make them non-zero inside the layers; attention
+            # masks them out). fp32 scores are padding-invariant; int8 rounding is not (a last-bit change
+            # flips roundings), so the engine runs int8 one prompt per run instead.
             keep = attention_mask[:, :, None].to(self.body.embed_tokens.weight.dtype)
             hidden = self.body.embed_tokens(input_ids) * keep
             cos, sin = self.body.rotary_emb(hidden, position_ids)
