@@ -526,7 +526,7 @@ def run_cli(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
 
 
@@ -534,7 +534,8 @@ def run_cli(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 def test_serve_on_a_corrupt_folder_prints_the_same_one_line_as_rank(tiny_model_dir, tmp_path, damage):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken)
-    graph = broken / "model.int8.onnx"
+    graph_name = json.loads((broken / "rerank_manifest.json").read_text())["graphs"]["fp32"][0]
+    graph = broken / graph_name
     data = bytearray(graph.read_bytes())
     if damage == "flipped-byte":
         data[len(data) // 2] ^= 0xFF
@@ -543,7 +544,11 @@ def test_serve_on_a_corrupt_folder_prints_the_same_one_line_as_rank(tiny_model_d
     graph.write_bytes(bytes(data))
     docs = tmp_path / "docs.json"
     docs.write_text('["a", "b"]')
-    env = {"RERANK_MODEL_PATH": str(broken), "RERANK_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "RERANK_MODEL_PATH": str(broken),
+        "RERANK_CACHE_DIR": str(tmp_path / "cache"),
+        "RERANK_QUANTIZATION": "fp32",
+    }
     rank = run_cli(["rank", "--query", "q", "--docs-file", str(docs)], env, tmp_path)
     serve = run_cli(["serve", "--port", str(free_port())], env, tmp_path)
     assert (rank.returncode, serve.returncode) == (2, 2), serve.stderr
@@ -552,7 +557,7 @@ def test_serve_on_a_corrupt_folder_prints_the_same_one_line_as_rank(tiny_model_d
     assert len(serve_lines) == 1, serve.stderr
     rank_line = rank.stderr.strip().splitlines()[-1]
     assert serve_lines[0].replace("rerank-gateway serve:", "rerank-gateway rank:") == rank_line
-    assert "model.int8.onnx" in serve_lines[0]
+    assert graph_name in serve_lines[0]
 
 
 class OtherModelSidecar:
