@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,13 +367,19 @@ class LocalRanker:
         *,
         engine_name: str,
         model_dir: Path | None,
-        estimated_max: float,
+        estimated_max: Callable[[], float],
     ) -> None:
         self.engine = engine
         self.builder = builder
         self.engine_name = engine_name
         self.model_dir = model_dir
-        self.estimated_max = estimated_max
+        # Looked up only when a caller normalizes: raw scores need no constant, and a model of unknown
+        # shape without RERANK_ESTIMATED_MAX can still be ranked raw.
+        self._estimated_max = estimated_max
+
+    @property
+    def estimated_max(self) -> float:
+        return self._estimated_max()
 
     @classmethod
     async def open(cls, settings: Settings, engine_name: str, *, quiet: bool = True) -> LocalRanker:
@@ -404,7 +410,7 @@ class LocalRanker:
             builder,
             engine_name=engine_name,
             model_dir=model_dir,
-            estimated_max=estimated_max_of(settings, model_dir),
+            estimated_max=lambda: estimated_max_of(settings, model_dir),
         )
 
     async def close(self) -> None:
