@@ -32,7 +32,7 @@ class CLIError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rerank-gateway",
-        description="Serve and run the mxbai-rerank-v2 rerankers (ONNX int8 on CPU, vLLM on GPU).",
+        description="Serve and run the mxbai-rerank-v2 rerankers (ONNX on CPU, vLLM on GPU).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging and full tracebacks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
