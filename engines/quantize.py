@@ -19,8 +19,8 @@ Needs numpy and onnx; onnx is imported inside the functions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,6 @@ class W8A8Options:
     # SmoothQuant migration strength: s_j = max|x_j|^alpha / max|w_j|^(1 - alpha); None disables smoothing.
     smooth_alpha: float | None = 0.5
     weight_bits: int = 7
-    # Weight initializers (by the hash of their fp32 bytes, see `weight_key`) left in fp32.
-    keep_fp32: frozenset[str] = field(default_factory=frozenset)
 
 
 def weight_key(array: np.ndarray) -> str:
@@ -47,15 +45,17 @@ def _initializers(graph) -> dict:
     return {init.name: init for init in graph.initializer}
 
 
-def _matmul_groups(graph, exclude_nodes: Iterable[str]) -> dict[str, list]:
-    """MatMul nodes with a constant 2-D right-hand side, grouped by the activation they read."""
+def _matmul_groups(graph) -> dict[str, list]:
+    """MatMul nodes with a constant 2-D right-hand side, grouped by the activation they read.
+
+    The score head (a 1-D direction) is not among them: it stays fp32.
+    """
     from onnx import numpy_helper
 
     inits = _initializers(graph)
-    excluded = set(exclude_nodes)
     groups: dict[str, list] = {}
     for node in graph.node:
-        if node.op_type != "MatMul" or node.name in excluded or node.input[1] not in inits:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         if len(inits[node.input[1]].dims) != 2:
             continue
@@ -69,7 +69,6 @@ def quantize_w8a8(
     *,
     input_absmax: Mapping[str, np.ndarray] | None = None,
     options: W8A8Options | None = None,
-    exclude_nodes: Sequence[str] = (),
     external_data: bool = False,
 ) -> list[str]:
     """Write `out_graph`: every constant-weight MatMul as per-token int8 x per-channel int8 (see module doc).
@@ -84,7 +83,7 @@ def quantize_w8a8(
     qmax = float(2 ** (options.weight_bits - 1) - 1)
     model = onnx.load(str(fp32_graph), load_external_data=True)
     graph = model.graph
-    groups = _matmul_groups(graph, exclude_nodes)
+    groups = _matmul_groups(graph)
     new_inits = []
     replaced: dict[str, list] = {}  # original node name -> its replacement nodes
     u8_zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "w8a8/u8_zero_point")
@@ -98,9 +97,6 @@ def quantize_w8a8(
         new_inits.append(last_axis)
     used_weights: set[str] = set()
     for g, (x_name, members) in enumerate(groups.items()):
-        members = [(n, w) for n, w in members if weight_key(w) not in options.keep_fp32]
-        if not members:
-            continue
         tag = f"w8a8/g{g}"
         nodes = []
         x_in = x_name
