@@ -261,11 +261,10 @@ def _torch_export(module, path: Path, opset: int, say: Callable[[str], None]) ->
         torch.onnx.export(module, (ids, mask), str(path), dynamic_shapes=shapes, dynamo=True, **kwargs)
 
 
-def _save_graph(tmp_graph: Path, out_graph: Path, data_name: str) -> list[str]:
-    """Re-save an exported graph as one file, or with one external data file when it is too large."""
+def _write(model, out_graph: Path, data_name: str) -> list[str]:
+    """Save a graph as one file, or with one external data file when it is too large for protobuf."""
     import onnx
 
-    model = onnx.load(str(tmp_graph), load_external_data=True)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES:
         onnx.save_model(
@@ -279,6 +278,13 @@ def _save_graph(tmp_graph: Path, out_graph: Path, data_name: str) -> list[str]:
         return [out_graph.name, data_name]
     onnx.save_model(model, str(out_graph))
     return [out_graph.name]
+
+
+def _save_graph(tmp_graph: Path, out_graph: Path, data_name: str) -> list[str]:
+    """Re-save an exported graph (torch writes many external files) in the prepared folder's layout."""
+    import onnx
+
+    return _write(onnx.load(str(tmp_graph), load_external_data=True), out_graph, data_name)
 
 
 def _check_graph(graph: Path) -> None:
@@ -295,14 +301,8 @@ def _quantize(fp32_graph: Path, out_graph: Path, input_absmax: dict) -> list[str
     """The int8 graph: per-token activations x per-channel 7-bit weights, smoothed (engines.quantize)."""
     from engines.quantize import quantize_w8a8
 
-    large = sum(p.stat().st_size for p in fp32_graph.parent.glob(fp32_graph.name + "*")) / 4
-    return quantize_w8a8(
-        fp32_graph,
-        out_graph,
-        input_absmax=input_absmax,
-        options=INT8_OPTIONS,
-        external_data=large > EXTERNAL_DATA_THRESHOLD_BYTES,
-    )
+    model = quantize_w8a8(fp32_graph, input_absmax=input_absmax, options=INT8_OPTIONS)
+    return _write(model, out_graph, INT8_DATA)
 
 
 def sample_prompts(builder: PromptBuilder, n: int) -> list:

@@ -65,16 +65,15 @@ def _matmul_groups(graph) -> dict[str, list]:
 
 def quantize_w8a8(
     fp32_graph: Path,
-    out_graph: Path,
     *,
     input_absmax: Mapping[str, np.ndarray] | None = None,
     options: W8A8Options | None = None,
-    external_data: bool = False,
-) -> list[str]:
-    """Write `out_graph`: every constant-weight MatMul as per-token int8 x per-channel int8 (see module doc).
+):
+    """The int8 model (an onnx ModelProto): every constant-weight MatMul of `fp32_graph` as per-token int8
+    activations x per-channel int8 weights (see the module doc).
 
     `input_absmax` maps `weight_key(W)` to the per-input-channel max |x| seen on calibration prompts (needed
-    for smoothing). Returns the file names written (the graph, then its external data file if any).
+    for smoothing).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -180,17 +179,4 @@ def quantize_w8a8(
     del graph.initializer[:]
     graph.initializer.extend(remaining)
     graph.initializer.extend(new_inits)
-    out_graph = Path(out_graph)
-    data_name = out_graph.name + ".data"
-    if external_data:
-        onnx.save_model(
-            model,
-            str(out_graph),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-        return [out_graph.name, data_name]
-    onnx.save_model(model, str(out_graph))
-    return [out_graph.name]
+    return model
