@@ -278,3 +278,27 @@ async def test_int8_score_of_a_prompt_does_not_depend_on_its_batch(onnx_int8, sh
     assert np.max(np.abs(np.array(batched) - np.array(alone))) < 1e-5
     assert np.max(np.abs(np.array(batched) - np.array(reversed_batch))) < 1e-5
     assert onnx_int8.info.padded is False
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_a_long_prompt_gives_its_memory_back(tiny_model_dir: Path, prompt_builder: PromptBuilder):
+    """The attention matrices of a long prompt (heads x tokens^2) leave onnxruntime's arena after the run."""
+    engine = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1)
+    _run(engine.start())
+    try:
+        short = prompt_builder.build("query", ["a short document"])
+        engine.score_sync(short)
+        idle = _rss_mb()
+        query, document = cases.pair_of_prompt_tokens(prompt_builder.count_tokens, 6000, seed=3)
+        (prompt,) = prompt_builder.build(query, [document])
+        assert len(prompt) > 5000
+        engine.score_sync([prompt])  # ~0.6 GB of attention scores per layer on the tiny model
+        after = _rss_mb()
+        engine.score_sync(short)  # short runs still work on the shrunk arena
+    finally:
+        _run(engine.close())
+    assert after - idle < 200, f"RSS {idle:.0f} MB idle, {after:.0f} MB after one {len(prompt)}-token prompt"
