@@ -88,16 +88,15 @@ def _record(name: str, fidelity: Fidelity) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def print_table(request):
-    """The fidelity table, written past pytest's capture at the end of the module."""
+    """The fidelity table, printed past pytest's capture at the end of the module."""
     yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if _table and reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(
-            "Trained weights (Qwen2.5-0.5B, base-v2 shape), real-text cases, prompts <= 512 tokens:"
-        )
-        for line in [*TABLE_HEADER.splitlines(), *_table]:
-            reporter.write_line(line)
+    if _table:
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():
+            print(
+                "\n\nTrained weights (Qwen2.5-0.5B, base-v2 shape), real-text cases, prompts <= 512 tokens:"
+            )
+            print("\n".join([*TABLE_HEADER.splitlines(), *_table]), flush=True)
 
 
 def test_export_takes_the_base_v2_constant_from_the_model_shape(trained_dir: Path):
