@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Gauge
 
-from engines.base import Engine, EngineInfo, Scored
+from engines.base import Engine, Scored
 from engines.contract import Prompt
 from engines.factory import build_serving_engine
 from engines.model_store import resolve_model
@@ -26,29 +26,20 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.http_server import serve_app
 from gateway.metrics import REGISTRY
+from tests.fakes import DelegatingEngine
 
 GATE_WAITING = Gauge("rerank_test_gate_waiting", "Engine calls waiting at the test gate.", registry=REGISTRY)
 
 
-class GatedEngine:
+class GatedEngine(DelegatingEngine):
     """Passes the first call (the gateway's warm-up) through; every later call waits for the gate first."""
 
     def __init__(self, inner: Engine, gate: threading.Event) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gate = gate
         self.calls = 0
         # Its own threads: a call stuck at the gate must not hold a thread the engine or asyncio needs.
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="test-gate")
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.inner.info
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def health(self) -> bool:
-        return await self.inner.health()
 
     async def score(self, prompts: Sequence[Prompt]) -> Scored:
         self.calls += 1

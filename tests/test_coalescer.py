@@ -21,7 +21,7 @@ import pytest_asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from engines.base import EngineInfo, EngineRejected, EngineUnavailable, Scored
+from engines.base import EngineRejected, EngineUnavailable, Scored
 from engines.contract import Prompt, PromptBuilder
 from gateway import metrics
 from gateway.coalescer import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, UNMEASURED_RETRY_AFTER_S, Coalescer
@@ -34,6 +34,7 @@ from gateway.errors import (
     UpstreamFailure,
 )
 from gateway.ranking import rank_indices
+from tests.fakes import DelegatingEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -50,28 +51,18 @@ def text(seed: int, n_words: int) -> str:
     return " ".join(words[(seed * 7 + i * (seed % 5 + 1)) % len(words)] for i in range(n_words)) + f" #{seed}"
 
 
-class WatchedEngine:
+class WatchedEngine(DelegatingEngine):
     """The real engine, recording each call's prompts; a closed gate holds batches (a slow engine)."""
 
     def __init__(
         self, inner, *, fail: Callable[[int, Sequence[Prompt]], Exception | None] | None = None
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[tuple[Prompt, ...]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.entered = asyncio.Event()
         self._fail = fail
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.inner.info
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def health(self) -> bool:
-        return await self.inner.health()
 
     async def close(self) -> None:
         """The inner engine is shared by the module's tests and closed by its fixture."""

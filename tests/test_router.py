@@ -26,7 +26,6 @@ import pytest_asyncio
 
 from engines.base import (
     EngineFailure,
-    EngineInfo,
     EngineRejected,
     EngineTimeout,
     EngineUnavailable,
@@ -39,6 +38,7 @@ from engines.vllm_engine import SidecarMisconfigured, VllmEngine
 from engines.vllm_launch import HF_OVERRIDES, build_argv, options_from_env
 from gateway import metrics
 from tests.conftest import free_port
+from tests.fakes import DelegatingEngine
 
 TOLERANCE = 1e-5
 # Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
@@ -178,22 +178,12 @@ def http_peer(cls=HttpPeer, *args) -> Iterator[HttpPeer]:
 # --- engines ---------------------------------------------------------------------------------------
 
 
-class SharedEngine:
+class SharedEngine(DelegatingEngine):
     """The module's real ONNX engine, recording each call's prompts; its owner fixture closes it."""
 
     def __init__(self, inner: OnnxEngine) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[int] = []
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.inner.info
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def health(self) -> bool:
-        return await self.inner.health()
 
     async def score(self, prompts: Sequence[Prompt]) -> Scored:
         self.calls.append(len(prompts))
