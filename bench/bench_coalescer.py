@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engines.contract import Prompt, PromptBuilder  # noqa: E402
+from core.contract import Prompt, PromptBuilder  # noqa: E402
 from engines.onnx_engine import OnnxEngine  # noqa: E402
 from gateway.coalescer import Coalescer  # noqa: E402
 

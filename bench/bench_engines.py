@@ -180,7 +180,7 @@ def load_runners(
     names: list[str], hf_dir: Path, prepared: Path, args, warmup: tuple[str, list[str]]
 ) -> list[Runner]:
     """Load each engine and warm it up; its RSS growth is measured after the warm-up (weights are mmapped)."""
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
 
     builder = PromptBuilder.from_dir(prepared)
     loop = asyncio.new_event_loop()
@@ -252,7 +252,7 @@ def load_runners(
 
 
 def workload(prepared: Path, tokens: int, docs: int) -> tuple[str, list[str], list[int]]:
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
     from tests import cases
 
     builder = PromptBuilder.from_dir(prepared)

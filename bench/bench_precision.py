@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import realtext
     from bench.bench_engines import cpu_features, trained
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
     from engines.fidelity import TABLE_HEADER, compare
 
     _, prepared = trained()

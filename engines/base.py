@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from engines.contract import Prompt
+from core.batching import BatchBudget
+from core.contract import Prompt
 
 
 class EngineError(Exception):
@@ -52,6 +53,11 @@ class EngineInfo:
     # The numbers the scores are computed in ("fp32", "int8"; "sidecar" when the sidecar's own --dtype
     # decides), reported by /ready so an operator knows which fidelity figures apply.
     precision: str = "fp32"
+
+    @property
+    def budget(self) -> BatchBudget:
+        """One run's budget, for `core.batching.plan_batches`."""
+        return BatchBudget(self.max_batch_tokens, self.max_batch_pairs, padded=self.padded)
 
 
 @dataclass(frozen=True, slots=True)

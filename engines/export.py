@@ -6,7 +6,7 @@ reduced to that one direction at export, so the full-vocabulary projection is ne
 are derived from the mask inside the graph, so left padding gives the same fp32 numbers as no padding (to
 ~1e-6). `--quantize int8` also writes `model.int8.onnx` (engines.quantize), calibrated on the sample prompts
 and written only if it follows fp32 within a bound. Both graphs are checked against torch on sample prompts
-built by engines.contract.PromptBuilder before the manifest is written; a failed export leaves nothing.
+built by core.contract.PromptBuilder before the manifest is written; a failed export leaves nothing.
 
 torch, transformers and onnx are imported inside the functions: importing this module is cheap.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.contract import CONTRACT_VERSION, PromptBuilder, resolve_estimated_max
 from engines.base import ModelPreparationError
-from engines.contract import CONTRACT_VERSION, PromptBuilder, resolve_estimated_max
 from engines.fidelity import DEFAULT_INT8_BOUND, Fidelity, FidelityBound, compare
 from engines.model_store import (
     MANIFEST_FORMAT,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.contract import CONTRACT_VERSION
 from engines.base import ModelPreparationError
-from engines.contract import CONTRACT_VERSION
 
 if TYPE_CHECKING:
     from gateway.config import Settings

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from core.batching import BatchBudget, plan_batches
+from core.contract import Prompt
 from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
-from engines.contract import Prompt
 from engines.model_store import Manifest, verify_model_dir
 
 if TYPE_CHECKING:
@@ -59,26 +60,6 @@ try:
     ORT_ERRORS: tuple[type[BaseException], ...] = (*_ORT_ERRORS, RuntimeError, ValueError, MemoryError)
 except ImportError:  # pragma: no cover - layout of older onnxruntime wheels
     ORT_ERRORS = (RuntimeError, ValueError, MemoryError)
-
-
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_pairs: int) -> list[list[int]]:
-    """Indices grouped into sub-batches: longest first, each within the padded-token and pair budgets.
-
-    A prompt longer than the whole budget runs alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Sorted longest first: the first row of a batch sets its padded width.
-        width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_pairs):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 class OnnxEngine:
@@ -215,7 +196,8 @@ class OnnxEngine:
             raise EngineFailure("a prompt has no tokens")
         out = [math.nan] * len(prompts)
         lengths = [len(p) for p in prompts]
-        for batch in plan_batches(lengths, self._info.max_batch_tokens, self.rows_per_run):
+        budget = BatchBudget(self._info.max_batch_tokens, self.rows_per_run, padded=True)
+        for batch in plan_batches(lengths, budget):
             scores = self._run([prompts[i].input_ids for i in batch])
             for i, s in zip(batch, scores.tolist(), strict=True):
                 out[i] = s

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.batching import plan_batches
+from core.contract import DEFAULT_MAX_LENGTH, Prompt
 from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
-from engines.contract import DEFAULT_MAX_LENGTH, Prompt
 from engines.model_store import is_hf_dir, load_manifest
 
 if TYPE_CHECKING:
@@ -156,21 +157,9 @@ class ReferenceEngine:
             groups.setdefault(p.instruction or None, []).append(i)
         batches: list[list[int]] = []
         for indices in groups.values():
-            indices = sorted(indices, key=lambda i: -len(prompts[i]))
-            current: list[int] = []
-            for i in indices:
-                n = len(prompts[i])
-                if n > self.long_prompt_tokens:
-                    batches.append([i])
-                    continue
-                width = len(prompts[current[0]]) if current else n
-                too_many = len(current) >= self._info.max_batch_pairs
-                if current and (too_many or (len(current) + 1) * width > self._info.max_batch_tokens):
-                    batches.append(current)
-                    current = []
-                current.append(i)
-            if current:
-                batches.append(current)
+            lengths = [len(prompts[i]) for i in indices]
+            plan = plan_batches(lengths, self._info.budget, alone_over=self.long_prompt_tokens)
+            batches.extend([indices[j] for j in batch] for batch in plan)
         return batches
 
     def score_sync(self, prompts: Sequence[Prompt]) -> list[float]:

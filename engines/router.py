@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from core.batching import plan_batches
+from core.contract import Prompt
 from engines.base import (
     Engine,
     EngineError,
@@ -34,7 +36,6 @@ from engines.base import (
     EngineUnavailable,
     Scored,
 )
-from engines.contract import Prompt
 from gateway.metrics import CIRCUIT_STATE, ENGINE_ERRORS, ENGINE_HEALTHY, FALLBACKS
 
 if TYPE_CHECKING:
@@ -317,7 +318,7 @@ class RoutedEngine:
 
     async def _fall_back(self, prompts: Sequence[Prompt], reason: str) -> Scored:
         FALLBACKS.labels(reason).inc()
-        slices = _slices(prompts, self.fallback.info)
+        slices = plan_batches([len(p) for p in prompts], self.fallback.info.budget)
         try:
             if len(slices) == 1:
                 return await self._fallback_slice(prompts)
@@ -389,24 +390,3 @@ class RoutedEngine:
                 raise
             except Exception:  # the probe must outlive any one bad check (it is logged)
                 log.exception("health probe of %s failed unexpectedly", self._primary_name)
-
-
-def _slices(prompts: Sequence[Prompt], info: EngineInfo) -> list[list[int]]:
-    """Index lists, length-sorted, that fit `info`'s budget (padded cost = longest × rows when padded)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = []
-    cur: list[int] = []
-    cur_tokens = 0
-    for i in order:
-        n = len(prompts[i])
-        rows = len(cur) + 1
-        # Sorted ascending, so the new prompt is the longest of the slice.
-        cost = n * rows if info.padded else cur_tokens + n
-        if cur and (rows > info.max_batch_pairs or cost > info.max_batch_tokens):
-            out.append(cur)
-            cur, cur_tokens = [], 0
-        cur.append(i)
-        cur_tokens += n
-    if cur:
-        out.append(cur)
-    return out

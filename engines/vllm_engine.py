@@ -4,7 +4,7 @@ Request and response shapes are vLLM's own (vllm/entrypoints/pooling/classify/pr
     POST /classify {"model", "input": [[ids...], ...], "use_activation": false, "add_special_tokens": false}
     -> {"data": [{"index", "label", "probs": [raw], "num_classes": 1}, ...], "usage": {...}}
     errors -> {"error": {"message", "type", "param", "code"}}
-The prompts are the contract's token ids (engines.contract), never text: vLLM would join query and
+The prompts are the contract's token ids (core.contract), never text: vLLM would join query and
 document without the mxbai template. `use_activation: false` skips the sigmoid of the
 `from_2_way_softmax` head, so `probs[0]` is logit("1") - logit("0"), the official raw score.
 """
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from core.contract import Prompt
 from engines.base import (
     EngineFailure,
     EngineInfo,
@@ -27,7 +28,6 @@ from engines.base import (
     EngineUnavailable,
     Scored,
 )
-from engines.contract import Prompt
 
 if TYPE_CHECKING:
     from gateway.config import Settings

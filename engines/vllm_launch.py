@@ -8,7 +8,7 @@ Why these flags (see ../shared/SCORING.md, "The same model behind vLLM"):
 - `--runner pooling --convert classify` and the `--hf-overrides` below turn the causal LM into a one-row
   classifier whose weight is W["1"] - W["0"], read at the last token: raw = logit("1") - logit("0"),
   exactly the official score. `--task score` no longer exists in current vLLM.
-- The gateway sends token ids built by engines.contract (never text) to `/classify` with
+- The gateway sends token ids built by core.contract (never text) to `/classify` with
   `use_activation: false`, so vLLM's sigmoid is skipped and its template-less text joining never runs.
 """
 

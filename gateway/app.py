@@ -148,7 +148,7 @@ def _load_coalescer() -> Any:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load, start and warm the engine before the first request; drain and close it at shutdown."""
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
     from gateway.local import estimated_max_of
     from gateway.service import RerankService, with_served_name
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from core.contract import Prompt
 from engines.base import (
     Engine,
     EngineError,
@@ -33,7 +34,6 @@ from engines.base import (
     EngineUnavailable,
     Scored,
 )
-from engines.contract import Prompt
 from gateway import metrics
 from gateway.errors import GatewayError, GatewayTimeout, Overloaded, ServiceUnavailable, from_engine_error
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from core.contract import PromptBuilder
     from engines.base import Engine
-    from engines.contract import PromptBuilder
     from gateway.config import Settings
 
 LOCAL_ENGINES = ("onnx", "reference")
@@ -277,8 +277,8 @@ def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
     An HF folder (the reference engine's) is recognised by its config's shape; a model whose constant cannot
     be told is a ModelPreparationError naming RERANK_ESTIMATED_MAX, never a silent guess.
     """
+    from core.contract import ESTIMATED_MAX, resolve_estimated_max
     from engines.base import ModelPreparationError
-    from engines.contract import ESTIMATED_MAX, resolve_estimated_max
 
     if settings.estimated_max is not None:
         return settings.estimated_max
@@ -384,7 +384,7 @@ class LocalRanker:
     @classmethod
     async def open(cls, settings: Settings, engine_name: str, *, quiet: bool = True) -> LocalRanker:
         """Resolve the model, build and start the engine."""
-        from engines.contract import PromptBuilder
+        from core.contract import PromptBuilder
         from engines.factory import build_engine
 
         check_model_location(settings)
@@ -453,8 +453,8 @@ def format_results(
     return_documents: bool = True,
 ) -> list[dict[str, Any]]:
     """Order scores with the gateway's rule and shape them as the CLI prints them."""
-    from engines.contract import normalize_score
-    from gateway.ranking import rank_indices
+    from core.contract import normalize_score
+    from core.ranking import rank_indices
 
     out = []
     for i in rank_indices(scores, top_k):

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from core.contract import DOC_PROMPT, Prompt, PromptBuilder, normalize_score
+from core.ranking import rank_indices
 from engines.base import Engine, EngineError, Scored
-from engines.contract import DOC_PROMPT, Prompt, PromptBuilder, normalize_score
 from gateway.errors import (
     GatewayTimeout,
     InvalidRequest,
@@ -25,7 +26,6 @@ from gateway.errors import (
     from_engine_error,
 )
 from gateway.metrics import DOCUMENTS_CHUNKED, DOCUMENTS_TRUNCATED
-from gateway.ranking import rank_indices
 
 if TYPE_CHECKING:
     from gateway.config import Settings

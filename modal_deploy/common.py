@@ -45,7 +45,7 @@ EXPORT_REQUIREMENTS = (
     "safetensors==0.8.0",
 )
 # Local packages every container imports (gateway/static holds the offline docs assets when filled).
-LOCAL_PACKAGES = ("gateway", "engines", "modal_deploy")
+LOCAL_PACKAGES = ("core", "gateway", "engines", "modal_deploy")
 SOURCE_IGNORE = ("**/__pycache__/**", "**/*.pyc", "**/.pytest_cache/**")
 
 _TRUE = ("1", "true", "yes", "on")

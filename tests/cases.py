@@ -143,7 +143,7 @@ class TruncationSetting:
     branches: tuple[str, ...]
 
 
-# Branches of engines/contract.py: "query" (cut at max_length*3//4), "doc_cap_max_length" (document cut at
+# Branches of core/contract.py: "query" (cut at max_length*3//4), "doc_cap_max_length" (document cut at
 # max_length), "doc_cap_model" (document cut at model_max_length - query - fixed), "pair" (query + "\n" +
 # document cut to max_length), "clamped" (max_length lowered to model_max_length - fixed).
 TRUNCATION_SETTINGS = (

@@ -103,7 +103,7 @@ def tiny_model_dir(tiny_hf_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prompt_builder(tiny_model_dir: Path):
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
 
     return PromptBuilder.from_dir(tiny_model_dir)
 

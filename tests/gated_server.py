@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Gauge
 
+from core.contract import Prompt
 from engines.base import Engine, Scored
-from engines.contract import Prompt
 from engines.factory import build_serving_engine
 from engines.model_store import resolve_model
 from gateway.app import create_app

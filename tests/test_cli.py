@@ -71,7 +71,7 @@ def engine_scores_many(
     model_dir: Path, requests: list[tuple[str, list[str], str | None]]
 ) -> list[list[float]]:
     """Raw scores from one ONNX engine called directly, per (query, documents, instruction) request."""
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
     from engines.onnx_engine import OnnxEngine
     from gateway.config import Settings
 

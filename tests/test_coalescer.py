@@ -21,8 +21,9 @@ import pytest_asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from core.contract import Prompt, PromptBuilder
+from core.ranking import rank_indices
 from engines.base import EngineRejected, EngineUnavailable, Scored
-from engines.contract import Prompt, PromptBuilder
 from gateway import metrics
 from gateway.coalescer import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, UNMEASURED_RETRY_AFTER_S, Coalescer
 from gateway.disconnect import ClientDisconnected, run_until_disconnected
@@ -33,7 +34,6 @@ from gateway.errors import (
     ServiceUnavailable,
     UpstreamFailure,
 )
-from gateway.ranking import rank_indices
 from tests.fakes import DelegatingEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

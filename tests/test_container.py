@@ -162,7 +162,7 @@ def served(image: str, tiny_model_dir: Path) -> Iterator[Container]:
 
 def direct_raw_scores(model_dir: Path, query: str, documents: list[str]) -> list[float]:
     """Raw scores of the ONNX engine in this process, on prompts the contract builds."""
-    from engines.contract import PromptBuilder
+    from core.contract import PromptBuilder
     from engines.onnx_engine import OnnxEngine
     from gateway.config import Settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.contract import (
+from core.contract import (
     DOC_PROMPT,
     ESTIMATED_MAX,
     PromptBuilder,
@@ -142,7 +142,7 @@ def test_normalization_equals_the_wrappers():
 def test_estimated_max_comes_from_the_model_shape_not_the_folder_name(tiny_hf_dir):
     import json
 
-    from engines.contract import resolve_estimated_max
+    from core.contract import resolve_estimated_max
     from tests.tiny_model import load_shape_config
 
     base, large = load_shape_config("mxbai-rerank-base-v2"), load_shape_config("mxbai-rerank-large-v2")

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.batching import BatchBudget, plan_batches
+from core.contract import Prompt, PromptBuilder
 from engines.base import Engine, EngineFailure, EngineUnavailable, ModelPreparationError
-from engines.contract import Prompt, PromptBuilder
 from engines.fidelity import spearman
 from engines.model_store import MANIFEST_NAME
-from engines.onnx_engine import OnnxEngine, plan_batches
+from engines.onnx_engine import OnnxEngine
 from engines.reference import ReferenceEngine, reference_source
 from tests import cases
 
@@ -169,7 +170,7 @@ def test_reference_plan_runs_long_prompts_alone_and_one_instruction_per_call(pro
 def test_plan_batches_respects_the_padded_budget_and_covers_every_prompt():
     rng = random.Random(3)
     lengths = [rng.randint(5, 400) for _ in range(200)] + [5000]
-    batches = plan_batches(lengths, max_batch_tokens=2048, max_batch_pairs=16)
+    batches = plan_batches(lengths, BatchBudget(max_tokens=2048, max_rows=16))
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         widths = [lengths[i] for i in b]

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
+from core.contract import CONTRACT_VERSION
 from engines import model_store
 from engines.base import ModelPreparationError
-from engines.contract import CONTRACT_VERSION
 from engines.model_store import MANIFEST_NAME, load_manifest, resolve_model, sha256_file, verify_model_dir
 from gateway.cli import main
 from tests.conftest import TINY_INT8_GATE

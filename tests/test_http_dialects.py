@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.contract import PromptBuilder, normalize_score
+from core.contract import PromptBuilder, normalize_score
 from tests.conftest import free_port, gateway_server
 
 ESTIMATED_MAX = 7.0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import realtext
-from engines.contract import PromptBuilder
+from core.contract import PromptBuilder
 from engines.fidelity import DEFAULT_INT8_BOUND, TABLE_HEADER, Fidelity, compare
 from engines.model_store import MANIFEST_NAME, load_manifest
 from engines.onnx_engine import OnnxEngine

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from core.contract import Prompt, PromptBuilder
 from engines.base import (
     EngineFailure,
     EngineRejected,
@@ -31,7 +32,6 @@ from engines.base import (
     EngineUnavailable,
     Scored,
 )
-from engines.contract import Prompt, PromptBuilder
 from engines.onnx_engine import OnnxEngine
 from engines.router import CircuitBreaker, CircuitState, RoutedEngine
 from engines.vllm_engine import SidecarMisconfigured, VllmEngine

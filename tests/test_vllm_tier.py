@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.contract import PromptBuilder
+from core.contract import PromptBuilder
 from tests.cases import Case, pair_of_prompt_tokens, short_cases, text_of_tokens
 from tests.conftest import free_port, gateway_server, require_real_component
 from tests.vllm_sidecar import SidecarError, VllmSidecar, missing_reason

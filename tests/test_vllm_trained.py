@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bench import realtext
-from engines.contract import PromptBuilder
+from core.contract import PromptBuilder
 from engines.fidelity import compare
 from tests.conftest import free_port, gateway_server, require_real_component
 from tests.vllm_sidecar import SidecarError, VllmSidecar, missing_reason
