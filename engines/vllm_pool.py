@@ -78,6 +78,8 @@ class _Backend:
     batches: int = 0
     prompts: int = 0
     failures: int = 0
+    # When it was last picked (a counter): ties in outstanding tokens go to the least recently used.
+    last_pick: int = 0
     last_error: str | None = None
     last_error_at: float | None = field(default=None)
 
@@ -123,6 +125,7 @@ class VllmPool:
             precision=first.precision,
         )
         self.probe_interval_s = probe_interval_ms / 1000
+        self._picks = 0
         self._probe_task: asyncio.Task[None] | None = None
 
     @property
@@ -234,13 +237,18 @@ class VllmPool:
         raise EngineUnavailable(f"every vLLM backend failed this batch: {'; '.join(errors)}") from last
 
     def _pick(self, tried: set[int]) -> _Backend | None:
-        """The untried backend with the fewest outstanding tokens whose circuit lets a call through."""
+        """The untried backend with the fewest outstanding tokens whose circuit lets a call through.
+
+        Ties go to the least recently picked, so a sequential stream alternates between idle backends.
+        """
         candidates = sorted(
             (b for b in self._backends if id(b) not in tried),
-            key=lambda b: (b.breaker.state is not CircuitState.CLOSED, b.outstanding_tokens),
+            key=lambda b: (b.breaker.state is not CircuitState.CLOSED, b.outstanding_tokens, b.last_pick),
         )
         for b in candidates:
             if b.breaker.try_acquire():
+                self._picks += 1
+                b.last_pick = self._picks
                 return b
         return None
 

@@ -94,6 +94,18 @@ async def test_batches_go_to_the_backend_with_fewest_outstanding_tokens():
         await pool.close()
 
 
+async def test_idle_backends_take_a_sequential_stream_in_turn():
+    a, b = Backend(1), Backend(2)
+    pool = VllmPool([a, b], probe_interval_ms=60_000)
+    await pool.start()
+    try:
+        for _ in range(6):
+            await pool.score([prompt(4)])
+        assert (a.calls, b.calls) == (3, 3)
+    finally:
+        await pool.close()
+
+
 async def test_a_failed_batch_is_retried_on_another_backend_and_trips_only_its_own_breaker():
     a, b = Backend(1), Backend(2)
     pool = VllmPool([a, b], failure_threshold=2, probe_interval_ms=60_000)
@@ -156,7 +168,7 @@ async def test_a_backend_down_at_start_takes_no_batches_until_its_probe_passes()
             if pool.backend_status()[0]["circuit"] == "closed":
                 break
         assert pool.backend_status()[0]["healthy"] is True
-        # Both idle: a tie goes to the first backend listed, the recovered one.
+        # Both idle: a tie goes to the least recently picked, the recovered one.
         await pool.score([prompt(2)])
         assert a.calls == 1
     finally:
