@@ -3,6 +3,8 @@
 Prompts are built from token ids, piece by piece, never from one joined string: the Qwen2 pre-tokenizer
 merges punctuation with a following newline, so tokenizing the joined text gives other ids.
 Every engine scores the prompts built here, so every engine is compared on identical inputs.
+Token ids in, token ids out: a document is tokenized once (`encode_documents`); caps, chunks and side-aware
+fits cut its ids (`DocumentIds`), and `prompt` applies the truncation rules, which live only here.
 """
 
 from __future__ import annotations
@@ -126,6 +128,61 @@ class Prompt:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class QueryIds:
+    """A query part's ids (instruction included), already cut to the contract's query budget."""
+
+    query: str
+    instruction: str | None
+    ids: tuple[int, ...]
+    truncated: bool  # True when the query budget cut it
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentIds:
+    """A document as the contract tokenizes it (`document: {text}`, one piece): the template's `head` ids,
+    then the text's own ids (`body`) with the character where each one starts in `text`.
+
+    Caps and chunks cut `body`, never the text: a cut is a slice of ids, and its `text` is the document sliced
+    at those ids' start characters (to name what was kept; the reference engine reads it), never re-tokenized.
+    """
+
+    text: str
+    head: tuple[int, ...]
+    body: tuple[int, ...]
+    starts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def cut(self, start: int, stop: int | None = None) -> DocumentIds:
+        """Body ids [start, stop), with the stretch of text they came from."""
+        n = len(self.body)
+        start, stop, _ = slice(start, stop).indices(n)
+        if start == 0 and stop == n:
+            return self
+        a = 0 if start == 0 else self.starts[start]
+        b = len(self.text) if stop >= n else self.starts[stop]
+        starts = tuple(max(0, s - a) for s in self.starts[start:stop])
+        return DocumentIds(self.text[a:b], self.head, self.body[start:stop], starts)
+
+    def first(self, n: int) -> DocumentIds:
+        """The first `n` body ids."""
+        return self.cut(0, n)
+
+    def last(self, n: int) -> DocumentIds:
+        """The last `n` body ids."""
+        return self.cut(max(0, len(self.body) - n))
+
+    def chunks(self, size: int) -> list[DocumentIds]:
+        """Consecutive pieces of `size` body ids (the last may be shorter); one piece when it fits."""
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1, got {size}")
+        if len(self.body) <= size:
+            return [self]
+        return [self.cut(k, k + size) for k in range(0, len(self.body), size)]
+
+
 class PromptBuilder:
     """Builds mxbai-v2 prompts from token ids with the official truncation rules."""
 
@@ -185,9 +242,6 @@ class PromptBuilder:
     def _ids(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def _ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
     def count_tokens(self, text: str) -> int:
         """Token count of a bare text (no template), for budgets and limits."""
         return len(self._tok.encode(text, add_special_tokens=False).ids)
@@ -198,24 +252,60 @@ class PromptBuilder:
             text = INSTRUCTION_PROMPT.format(instruction=instruction) + SEP + text
         return text
 
+    def encode_query(self, query: str, instruction: str | None = None) -> QueryIds:
+        """The query part's ids, cut to max_length * 3 // 4 (the wrapper's query truncation)."""
+        ids = self._ids(self.query_text(query, instruction))
+        cap = self.max_query_tokens
+        return QueryIds(query, instruction or None, tuple(ids[:cap]), len(ids) > cap)
+
+    def encode_documents(self, documents: Sequence[str]) -> list[DocumentIds]:
+        """Each document tokenized as the prompt holds it (`document: {text}`), split into head and body."""
+        head_chars = len(DOC_PROMPT.format(document="").rstrip())
+        text_start = len(DOC_PROMPT.format(document=""))
+        encodings = self._tok.encode_batch(
+            [DOC_PROMPT.format(document=d) for d in documents], add_special_tokens=False
+        )
+        out = []
+        for text, enc in zip(documents, encodings, strict=True):
+            ids, offsets = enc.ids, enc.offsets
+            k = 0
+            while k < len(ids) and offsets[k][1] <= head_chars:
+                k += 1
+            starts = tuple(max(0, s - text_start) for s, _ in offsets[k:])
+            out.append(DocumentIds(text, tuple(ids[:k]), tuple(ids[k:]), starts))
+        return out
+
+    def _caps(self, query: QueryIds) -> tuple[int, int]:
+        """(document cap, pair cap): the wrapper's document truncation, then its pair truncation
+        (prepare_for_model(truncation="only_second") cuts separator + document to fit max_length)."""
+        doc_cap = min(self.model_max_length - len(query.ids) - self.fixed_length, self.max_length)
+        return doc_cap, self.max_length - len(query.ids)
+
+    def fit(self, query: QueryIds, document: DocumentIds, side: str = "right") -> DocumentIds:
+        """The document cut, from `side`, to the body ids that fit next to `query` with nothing truncated
+        (at least one id is kept)."""
+        doc_cap, pair_cap = self._caps(query)
+        room = max(1, min(doc_cap, pair_cap - len(self.sep_ids)) - len(document.head))
+        if len(document) <= room:
+            return document
+        return document.last(room) if side == "left" else document.first(room)
+
+    def prompt(self, query: QueryIds, document: DocumentIds) -> Prompt:
+        """One prompt from ids, with the official truncation rules (SCORING.md)."""
+        q_ids = list(query.ids)
+        d_ids = [*document.head, *document.body]
+        doc_cap, pair_cap = self._caps(query)
+        truncated = query.truncated or len(d_ids) > doc_cap
+        d_ids = d_ids[:doc_cap]
+        body = q_ids + (self.sep_ids + d_ids)[:pair_cap]
+        truncated = truncated or len(self.sep_ids) + len(d_ids) > pair_cap
+        ids = self.prefix_ids + body + self.sep_ids + self.task_ids + self.suffix_ids
+        return Prompt(query.query, document.text, query.instruction, tuple(ids), truncated)
+
     def build(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[Prompt]:
         """Prompts for one query against many documents; the query is tokenized once."""
-        q_ids = self._ids(self.query_text(query, instruction))
-        q_truncated = len(q_ids) > self.max_query_tokens
-        q_ids = q_ids[: self.max_query_tokens]
-        doc_cap = min(self.model_max_length - len(q_ids) - self.fixed_length, self.max_length)
-        # prepare_for_model(truncation="only_second") cuts sep + document to fit max_length.
-        pair_cap = self.max_length - len(q_ids)
-        out = []
-        doc_id_lists = self._ids_batch([DOC_PROMPT.format(document=d) for d in documents])
-        for document, d_ids in zip(documents, doc_id_lists, strict=True):
-            truncated = q_truncated or len(d_ids) > doc_cap
-            d_ids = d_ids[:doc_cap]
-            body = q_ids + (self.sep_ids + d_ids)[:pair_cap]
-            truncated = truncated or len(self.sep_ids) + len(d_ids) > pair_cap
-            ids = self.prefix_ids + body + self.sep_ids + self.task_ids + self.suffix_ids
-            out.append(Prompt(query, document, instruction or None, tuple(ids), truncated))
-        return out
+        q = self.encode_query(query, instruction)
+        return [self.prompt(q, d) for d in self.encode_documents(documents)]
 
     def build_pairs(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[Prompt]:
         """Prompts for arbitrary (query, document) pairs, in input order."""
