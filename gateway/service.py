@@ -7,6 +7,7 @@ Tokenization runs in a worker thread (the `tokenizers` library releases the GIL)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ class RerankQuery:
     raw_scores: bool = False
     # Field names for error messages, in the dialect's words.
     documents_param: str = "documents"
+    # vLLM's truncate_prompt_tokens / max_tokens_per_query: the prompt's and the query's token caps.
+    max_prompt_tokens: int | None = None
+    max_query_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +128,7 @@ class RerankService:
         """Reject what the configured limits forbid, naming the field (400 or 413)."""
         s = self.settings
         param = q.documents_param
-        if not q.documents:
-            raise InvalidRequest(
-                f"`{param}` is empty: send at least one document to rank", param=param, code="empty_documents"
-            )
+        # Empty documents and top_n < 1 are refused at the HTTP edge (gateway.dialects.check_query).
         if len(q.documents) > s.max_documents_per_request:
             raise PayloadTooLarge(
                 f"{len(q.documents)} documents in `{param}`; this server takes at most "
@@ -151,11 +152,6 @@ class RerankService:
                     param=f"{param}[{i}]",
                     code="document_too_long",
                 )
-        if q.top_n is not None and q.top_n < 1:
-            raise InvalidRequest(
-                f"`top_n` must be at least 1, got {q.top_n}; leave it out to get every document",
-                param="top_n",
-            )
         if q.max_tokens_per_doc is not None and q.max_tokens_per_doc < 1:
             raise InvalidRequest(
                 f"`max_tokens_per_doc` must be at least 1, got {q.max_tokens_per_doc}",
@@ -171,6 +167,8 @@ class RerankService:
     async def rerank(self, q: RerankQuery) -> RerankOutcome:
         """Score, aggregate (max over chunks), normalize and order one request's documents."""
         self.check_limits(q)
+        if q.max_query_tokens is not None:
+            q = dataclasses.replace(q, query=self.cut_tokens(q.query, q.max_query_tokens)[0])
         # The deadline counts from arrival: tokenization time is part of the request's budget.
         deadline_s = time.monotonic() + self.settings.request_timeout_ms / 1000.0
         t0 = time.perf_counter()
@@ -230,6 +228,10 @@ class RerankService:
         cut_docs: set[int] = set()
         chunked = 0
         fit_tokens = self._fit_budget(q) if q.fit_side else None
+        if q.max_prompt_tokens is not None:
+            overhead = self._fit_budget_overhead(q)
+            prompt_cap = max(1, q.max_prompt_tokens - overhead)
+            fit_tokens = prompt_cap if fit_tokens is None else min(fit_tokens, prompt_cap)
         for i, doc in enumerate(q.documents):
             text = doc
             cap = q.max_tokens_per_doc
@@ -256,6 +258,12 @@ class RerankService:
             if p.truncated:
                 cut_docs.add(i)
         return _Prepared(prompts, owner, len(cut_docs), chunked)
+
+    def _fit_budget_overhead(self, q: RerankQuery) -> int:
+        """Prompt tokens besides the document's own text: template, query, separators, `document: `."""
+        b = self.builder
+        q_tokens = min(b.count_tokens(b.query_text(q.query, q.instruction)), b.max_query_tokens)
+        return b.fixed_length + q_tokens + len(b.sep_ids) + self._doc_prefix_tokens
 
     def _fit_budget(self, q: RerankQuery) -> int:
         """Document tokens that fit next to this query under the contract (for TEI side-aware cuts)."""
