@@ -382,7 +382,8 @@ def test_gpu_gateway_routes_to_the_vllm_service_with_onnx_fallback(monkeypatch):
     assert settings.primary_engine == "vllm"
     assert settings.fallback == "onnx"
 
-    url = urlsplit(settings.vllm_url)
+    # Every URL (a comma-separated list is a backend pool) names a vLLM Service of the overlay and its port.
+    (url,) = [urlsplit(u.strip()) for u in gateway_env["RERANK_VLLM_URL"].split(",")]
     service = find(objects, "Service", VLLM)
     (service_port,) = service["spec"]["ports"]
     assert (url.scheme, url.hostname, url.port) == ("http", service["metadata"]["name"], service_port["port"])
