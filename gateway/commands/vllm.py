@@ -35,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     args_p.add_argument("extra", nargs=argparse.REMAINDER, help="Further vLLM flags, after --.")
     args_p.set_defaults(func=run_args)
 
-    launch_p = actions.add_parser("launch", help="Replace this process with the vLLM server.")
+    launch_p = actions.add_parser(
+        "launch",
+        help="Run the vLLM server until it exits (a KV cache that does not fit: one line naming the fix).",
+    )
     vllm_launch.add_override_arguments(launch_p)
     launch_p.add_argument("extra", nargs=argparse.REMAINDER, help="Further vLLM flags, after --.")
     launch_p.set_defaults(func=run_launch)
@@ -71,8 +74,11 @@ def run_launch(args: argparse.Namespace) -> int:
             "interpreter of its own environment (scripts/install_vllm.sh creates .venv-vllm)"
         )
     print(vllm_launch.format_command(opts), file=sys.stderr, flush=True)
-    vllm_launch.exec_sidecar(opts)
-    return 0  # not reached
+    status, explanation = vllm_launch.run_sidecar(opts)
+    if explanation:
+        # vLLM's own traceback runs to ~170 lines; its cause and the fix end the output in one line.
+        print(f"rerank-gateway vllm launch: error: {explanation}", file=sys.stderr, flush=True)
+    return status
 
 
 def run_health(args: argparse.Namespace) -> int:
