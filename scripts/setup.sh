@@ -7,6 +7,8 @@
 # so pip does not pull the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/progress.sh
+source scripts/progress.sh
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -23,9 +25,11 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip
 # torch first and pinned, so nothing later resolves an unpinned (CUDA) torch.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  # Hundreds of MB: pip's own download bar, and a line every 30 s while it unpacks.
   echo "setup: installing torch==$TORCH_VERSION (CPU build)"
-  "${pip[@]}" install -q "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  with_progress "installing torch" "${pip[@]}" install --progress-bar on "torch==$TORCH_VERSION" \
+    ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 echo "setup: installing rerank-gateway[$extras]"
-"${pip[@]}" install -q -e ".[$extras]"
+with_progress "installing rerank-gateway[$extras]" "${pip[@]}" install -q -e ".[$extras]"
 echo "setup: done in $(( $(date +%s) - start ))s ($VENV)"

@@ -21,9 +21,10 @@ apt_install() {
     echo "test: cannot install ${missing[*]} (not root, no sudo)" >&2; return 1
   fi
   local sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
+  # -q: apt's Get/Unpacking/Setting up lines without its terminal progress bar, readable in a log too.
   echo "test: apt-get install ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
 start=$(date +%s)
