@@ -7,6 +7,7 @@ identical numbers.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,10 @@ from core.contract import Prompt
 
 class EngineError(Exception):
     """Base class for every engine failure."""
+
+    # Set by a router that has already reported this error to its observer, under the engine that raised
+    # it, so that a caller counting failed engine calls does not count it a second time.
+    reported: bool = False
 
 
 class EngineUnavailable(EngineError):
@@ -37,6 +42,60 @@ class EngineRejected(EngineFailure):
 
 class ModelPreparationError(Exception):
     """A model folder is missing, truncated, or does not match this gateway's scoring contract."""
+
+
+def error_kind(exc: EngineError) -> str:
+    """The kind an engine error is reported under: unavailable, timeout, rejected or failure."""
+    if isinstance(exc, EngineTimeout):
+        return "timeout"
+    if isinstance(exc, EngineUnavailable):
+        return "unavailable"
+    if isinstance(exc, EngineRejected):
+        return "rejected"
+    return "failure"
+
+
+class CircuitState(enum.Enum):
+    """A router's circuit breaker state; values order them by how far the primary is cut off."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class EngineObserver(Protocol):
+    """What the engine layer reports (metrics live above it; `gateway.metrics` implements this)."""
+
+    def engine_error(self, engine: str, kind: str) -> None:
+        """`engine` failed a call; `kind` is `error_kind(exc)`. Each failure is reported once."""
+
+    def fallback(self, reason: str) -> None:
+        """A batch went to the fallback: circuit_open, or the primary's error kind."""
+
+    def circuit_changed(self, engine: str, state: CircuitState) -> None:
+        """The circuit in front of `engine` (the primary) is now `state` (also sent once at creation)."""
+
+    def engine_health(self, engine: str, healthy: bool) -> None:
+        """The result of a health check of `engine`."""
+
+
+class NullObserver:
+    """The default observer: reports nowhere."""
+
+    def engine_error(self, engine: str, kind: str) -> None:
+        pass
+
+    def fallback(self, reason: str) -> None:
+        pass
+
+    def circuit_changed(self, engine: str, state: CircuitState) -> None:
+        pass
+
+    def engine_health(self, engine: str, healthy: bool) -> None:
+        pass
+
+
+NULL_OBSERVER: EngineObserver = NullObserver()
 
 
 @dataclass(frozen=True, slots=True)

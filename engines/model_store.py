@@ -1,33 +1,20 @@
-"""Where a served model comes from: a prepared folder, a plain HF folder, or the hub (exported once, cached).
+"""The prepared model folder: its manifest, and the checks made before an engine loads anything.
 
 A prepared folder is what `rerank-gateway export` writes: ONNX graphs, tokenizer, config and
 `rerank_manifest.json`. The manifest records every file's size and sha256 and the scoring contract the
-graphs were exported for; `verify_model_dir` checks them before an engine loads anything. This module needs
-no torch; exporting (torch, transformers) is imported only when an export actually has to run.
+graphs were exported for; `verify_model_dir` checks them. engines/export.py writes such folders and
+engines/resolve.py finds or exports one; this module imports neither (it needs no torch).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import importlib.util
 import json
-import logging
-import re
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.contract import CONTRACT_VERSION
 from engines.base import ModelPreparationError
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
-
-log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "rerank_manifest.json"
 MANIFEST_FORMAT = 1
@@ -180,111 +167,3 @@ def is_hf_dir(path: Path) -> bool:
         return False
     return any(any(path.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS)
 
-
-def export_available() -> bool:
-    """True when the export extra (torch, transformers, onnx) is installed."""
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "onnx"))
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-") or "model"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so that several workers starting at once export a model only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _export_into_cache(
-    source: str,
-    target: Path,
-    *,
-    revision: str | None,
-    hub_cache: Path | None,
-    estimated_max: float | None = None,
-    quantization: str = "fp32",
-) -> Path:
-    """Export `source` into `target` atomically (a half-written folder is never served)."""
-    if not export_available():
-        raise ModelPreparationError(
-            f"no prepared copy of {source} at {target}, and this installation cannot export one (torch, "
-            f"transformers and onnx are not installed); {PREPARE_HINT}"
-        )
-    from engines.export import export_model
-
-    with file_lock(target):
-        if is_prepared_dir(target):
-            return target
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("exporting %s into %s (first start only; this takes a few minutes)", source, target)
-        export_model(
-            source,
-            tmp,
-            revision=revision,
-            quantize="int8" if quantization == "int8" else "none",
-            cache_dir=hub_cache,
-            estimated_max=estimated_max,
-        )
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    return target
-
-
-def hub_cache_target(settings: Settings) -> Path:
-    """Where the prepared copy of `settings.model` at `settings.model_revision` is kept."""
-    revision = _slug(settings.model_revision or "default")
-    return Path(settings.cache_dir) / "prepared" / f"{_slug(settings.model)}@{revision}"
-
-
-def resolve_model(settings: Settings) -> Path:
-    """The prepared model folder to serve, exporting it into the cache first when needed and allowed."""
-    if settings.model_path is not None:
-        path = Path(settings.model_path).expanduser()
-        if not path.is_dir():
-            raise ModelPreparationError(f"RERANK_MODEL_PATH={path} is not a folder; {PREPARE_HINT}")
-        if is_prepared_dir(path):
-            return path
-        if is_hf_dir(path):
-            resolved = path.resolve()
-            key = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
-            target = Path(settings.cache_dir) / "prepared" / f"local--{_slug(resolved.name)}-{key}"
-            if is_prepared_dir(target):
-                return target
-            return _export_into_cache(
-                str(resolved),
-                target,
-                revision=None,
-                hub_cache=None,
-                estimated_max=settings.estimated_max,
-                quantization=settings.quantization,
-            )
-        raise ModelPreparationError(
-            f"RERANK_MODEL_PATH={path} is neither a prepared model folder ({MANIFEST_NAME}) nor a "
-            f"Hugging Face model folder (config.json and weights); {PREPARE_HINT}"
-        )
-
-    revision = settings.model_revision
-    target = hub_cache_target(settings)
-    if is_prepared_dir(target):
-        return target
-    if not settings.auto_export:
-        raise ModelPreparationError(
-            f"no prepared copy of {settings.model} in {target.parent} and RERANK_AUTO_EXPORT is off; "
-            f"{PREPARE_HINT}"
-        )
-    return _export_into_cache(
-        settings.model,
-        target,
-        revision=revision,
-        hub_cache=Path(settings.cache_dir) / "hub",
-        estimated_max=settings.estimated_max,
-        quantization=settings.quantization,
-    )

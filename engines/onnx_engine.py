@@ -14,7 +14,6 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +22,6 @@ from core.batching import BatchBudget, plan_batches
 from core.contract import Prompt
 from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
 from engines.model_store import Manifest, verify_model_dir
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +99,6 @@ class OnnxEngine:
         self._manifest: Manifest | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, model_dir: str | Path, settings: Settings) -> OnnxEngine:
-        return cls(
-            model_dir,
-            quantization=settings.quantization,
-            intra_op_threads=settings.onnx_intra_op_threads,
-            inter_op_threads=settings.onnx_inter_op_threads,
-            max_batch_tokens=settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS,
-            max_batch_pairs=settings.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
-            verify_hashes=settings.verify_hashes,
-        )
 
     @property
     def info(self) -> EngineInfo:

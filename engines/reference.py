@@ -14,15 +14,12 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.batching import plan_batches
 from core.contract import DEFAULT_MAX_LENGTH, Prompt
 from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
 from engines.model_store import is_hf_dir, load_manifest
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +38,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference_source(model_dir: Path | None, settings: Settings) -> str:
-    """The HF weights the reference engine loads, in order of preference (see Settings.reference_model)."""
-    if settings.reference_model:
-        return settings.reference_model
-    if settings.model_path is not None and is_hf_dir(Path(settings.model_path)):
-        return str(settings.model_path)
-    for candidate in (model_dir, settings.model_path):
+def reference_source(
+    model_dir: Path | None, *, reference_model: str | None, model_path: Path | None, hub_model: str
+) -> str:
+    """The HF weights the reference engine loads, in order of preference: `reference_model` when given,
+    `model_path` when it is an HF folder, the HF folder a prepared `model_dir` (or `model_path`) was
+    exported from, else the hub id `hub_model`."""
+    if reference_model:
+        return reference_model
+    if model_path is not None and is_hf_dir(Path(model_path)):
+        return str(model_path)
+    for candidate in (model_dir, model_path):
         if candidate is None:
             continue
         candidate = Path(candidate)
@@ -60,7 +61,7 @@ def reference_source(model_dir: Path | None, settings: Settings) -> str:
         # A model exported from a local folder remembers where its weights are.
         if is_hf_dir(source):
             return str(source)
-    return settings.model
+    return hub_model
 
 
 class ReferenceEngine:
@@ -88,17 +89,6 @@ class ReferenceEngine:
         self._wrapper: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, model_dir: Path | None, settings: Settings) -> ReferenceEngine:
-        return cls(
-            reference_source(model_dir, settings),
-            device=settings.device,
-            max_length=settings.max_length,
-            revision=None if settings.reference_model else settings.model_revision,
-            max_batch_tokens=settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS,
-            max_batch_pairs=settings.max_batch_pairs or DEFAULT_MAX_BATCH_PAIRS,
-        )
 
     @property
     def info(self) -> EngineInfo:

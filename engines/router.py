@@ -12,54 +12,38 @@ A batch that fails or times out on the primary is retried once on the fallback, 
 Budgets: the router reports the primary's EngineInfo (the coalescer sends vLLM large slices, several at
 once) and re-slices a batch to the fallback's own budget, with the fallback's concurrency, when it falls
 back, so a large vLLM slice never becomes one huge padded ONNX batch.
+
+Errors, fallbacks, circuit changes and health checks go to an `EngineObserver` (the app passes the
+Prometheus one from gateway.metrics); an error is reported once, under the engine that raised it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.batching import plan_batches
 from core.contract import Prompt
 from engines.base import (
+    NULL_OBSERVER,
+    CircuitState,
     Engine,
     EngineError,
     EngineFailure,
     EngineInfo,
+    EngineObserver,
     EngineRejected,
-    EngineTimeout,
-    EngineUnavailable,
     Scored,
+    error_kind,
 )
-from gateway.metrics import CIRCUIT_STATE, ENGINE_ERRORS, ENGINE_HEALTHY, FALLBACKS
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
+__all__ = ["CircuitBreaker", "CircuitState", "RoutedEngine"]
 
 log = logging.getLogger(__name__)
-
-
-class CircuitState(enum.Enum):
-    """Values are the `rerank_circuit_state` gauge's."""
-
-    CLOSED = 0
-    HALF_OPEN = 1
-    OPEN = 2
-
-
-def _error_kind(exc: EngineError) -> str:
-    if isinstance(exc, EngineTimeout):
-        return "timeout"
-    if isinstance(exc, EngineUnavailable):
-        return "unavailable"
-    if isinstance(exc, EngineRejected):
-        return "rejected"
-    return "failure"
 
 
 class _CircuitOpened(Exception):
@@ -150,9 +134,11 @@ class RoutedEngine:
         reset_ms: int = 5_000,
         probe_interval_ms: int = 2_000,
         clock: Callable[[], float] = time.monotonic,
+        observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self.primary = primary
         self.fallback = fallback
+        self.observer = observer
         self.probe_interval_s = probe_interval_ms / 1000
         self._primary_name = primary.info.name
         self._fallback_name = fallback.info.name
@@ -164,7 +150,7 @@ class RoutedEngine:
             clock=clock,
             on_change=self._on_circuit_change,
         )
-        CIRCUIT_STATE.labels(self._primary_name).set(CircuitState.CLOSED.value)
+        observer.circuit_changed(self._primary_name, CircuitState.CLOSED)
         self._fallback_slots = asyncio.Semaphore(max(1, fallback.info.max_concurrent_batches))
         self._probe_task: asyncio.Task[None] | None = None
         self._primary_healthy: bool | None = None
@@ -173,20 +159,10 @@ class RoutedEngine:
         self._started = False
 
     def _on_circuit_change(self, state: CircuitState) -> None:
-        CIRCUIT_STATE.labels(self._primary_name).set(state.value)
+        self.observer.circuit_changed(self._primary_name, state)
         if state is CircuitState.OPEN:
             opened, self._opened = self._opened, asyncio.Event()
             opened.set()
-
-    @classmethod
-    def from_settings(cls, primary: Engine, fallback: Engine, settings: Settings) -> RoutedEngine:
-        return cls(
-            primary,
-            fallback,
-            failure_threshold=settings.breaker_failure_threshold,
-            reset_ms=settings.breaker_reset_ms,
-            probe_interval_ms=settings.health_probe_interval_ms,
-        )
 
     @property
     def info(self) -> EngineInfo:
@@ -244,8 +220,8 @@ class RoutedEngine:
     async def status(self) -> dict[str, Any]:
         """Both engines' health, the circuit state and the last primary error, for /ready."""
         primary_ok, fallback_ok = await asyncio.gather(self.primary.health(), self.fallback.health())
-        ENGINE_HEALTHY.labels(self._primary_name).set(int(primary_ok))
-        ENGINE_HEALTHY.labels(self._fallback_name).set(int(fallback_ok))
+        self.observer.engine_health(self._primary_name, primary_ok)
+        self.observer.engine_health(self._fallback_name, fallback_ok)
         return {
             "primary": {
                 "engine": self._primary_name,
@@ -284,7 +260,7 @@ class RoutedEngine:
         except EngineError as exc:
             self.breaker.record_failure()
             self._note_error(exc)
-            return await self._fall_back(prompts, _error_kind(exc))
+            return await self._fall_back(prompts, error_kind(exc))
         except BaseException:
             self.breaker.release()
             raise
@@ -308,8 +284,8 @@ class RoutedEngine:
         return call.result()
 
     def _note_error(self, exc: EngineError) -> None:
-        kind = _error_kind(exc)
-        ENGINE_ERRORS.labels(self._primary_name, kind).inc()
+        kind = error_kind(exc)
+        self.observer.engine_error(self._primary_name, kind)
         self._last_error = f"{kind}: {exc}"
         self._last_error_at = time.monotonic()
         log.warning(
@@ -317,7 +293,7 @@ class RoutedEngine:
         )
 
     async def _fall_back(self, prompts: Sequence[Prompt], reason: str) -> Scored:
-        FALLBACKS.labels(reason).inc()
+        self.observer.fallback(reason)
         slices = plan_batches([len(p) for p in prompts], self.fallback.info.budget)
         try:
             if len(slices) == 1:
@@ -329,7 +305,10 @@ class RoutedEngine:
                 for t in tasks:
                     t.cancel()
         except EngineError as exc:
-            ENGINE_ERRORS.labels(self._fallback_name, _error_kind(exc)).inc()
+            # Counted here, once, under the engine that failed: callers see the error as already reported.
+            if not exc.reported:
+                self.observer.engine_error(self._fallback_name, error_kind(exc))
+                exc.reported = True
             raise
         scores = [0.0] * len(prompts)
         for idx, res in zip(slices, results, strict=True):
@@ -351,7 +330,7 @@ class RoutedEngine:
             self._note_error(exc)
             ok = False
         self._primary_healthy = ok
-        ENGINE_HEALTHY.labels(self._primary_name).set(int(ok))
+        self.observer.engine_health(self._primary_name, ok)
         return ok
 
     async def probe_once(self) -> None:
@@ -379,7 +358,7 @@ class RoutedEngine:
             self.breaker.trip()
             self._last_error = f"misconfigured: {self.config_problem}"
             self._last_error_at = time.monotonic()
-        ENGINE_HEALTHY.labels(self._fallback_name).set(int(await self.fallback.health()))
+        self.observer.engine_health(self._fallback_name, await self.fallback.health())
 
     async def _probe_loop(self) -> None:
         while True:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -28,9 +28,6 @@ from engines.base import (
     EngineUnavailable,
     Scored,
 )
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +85,6 @@ class VllmEngine:
         self._client: httpx.AsyncClient | None = None
         # Why the sidecar cannot serve this gateway although it is up (it serves another model), or None.
         self.config_problem: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VllmEngine:
-        if not settings.vllm_url:
-            raise ValueError("the vllm engine needs the sidecar's URL: set RERANK_VLLM_URL")
-        return cls(
-            settings.vllm_url,
-            model=settings.vllm_model or settings.model,
-            api_key=settings.vllm_api_key,
-            connect_timeout_ms=settings.vllm_connect_timeout_ms,
-            request_timeout_ms=settings.vllm_request_timeout_ms,
-            health_timeout_ms=min(DEFAULT_HEALTH_TIMEOUT_MS, settings.vllm_request_timeout_ms),
-            max_connections=settings.vllm_max_connections,
-        )
 
     @property
     def info(self) -> EngineInfo:
@@ -174,7 +157,7 @@ class VllmEngine:
         served = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
         if self.model in served:
             if self.config_problem is not None:
-                log.warning("the vLLM sidecar at %s now serves %r", self.base_url, self.model)
+                log.info("the vLLM sidecar at %s now serves %r", self.base_url, self.model)
             self.config_problem = None
             return
         problem = (

@@ -149,30 +149,24 @@ def _load_coalescer() -> Any:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load, start and warm the engine before the first request; drain and close it at shutdown."""
     from core.contract import PromptBuilder
-    from gateway.local import estimated_max_of
-    from gateway.service import RerankService, with_served_name
+    from gateway import compose
+    from gateway.service import with_served_name
 
     settings: Settings = app.state.settings
     model_dir: Path | None = app.state.model_dir
     if model_dir is None:
-        from engines.model_store import resolve_model
-
-        model_dir = await asyncio.to_thread(resolve_model, settings)
+        model_dir = await asyncio.to_thread(compose.resolve_model, settings)
         settings = app.state.settings = with_served_name(settings, model_dir)
     builder = await asyncio.to_thread(PromptBuilder.from_dir, model_dir, max_length=settings.max_length)
     engine: Engine | None = app.state.engine
     if engine is None:
-        from engines.factory import build_serving_engine
-
-        engine = build_serving_engine(settings, model_dir)
+        engine = compose.build_serving_engine(settings, model_dir)
     coalescer = None
     service = None
     try:
         started = time.perf_counter()
         await engine.start()
-        service = RerankService(
-            settings, builder, engine, estimated_max=estimated_max_of(settings, model_dir)
-        )
+        service = compose.build_service(settings, builder, engine, model_dir)
         await service.warm()
         coalescer_cls = _load_coalescer() if settings.coalesce else None
         if coalescer_cls is not None:

@@ -686,7 +686,8 @@ class Coalescer:
 
     def _count_engine_error(self, exc: EngineError) -> None:
         self._engine_calls_failed += 1
-        metrics.ENGINE_ERRORS.labels(engine=self.engine_name, kind=_error_kind(exc)).inc()
+        if not exc.reported:  # a router counted it already, under the engine that failed
+            metrics.ENGINE_ERRORS.labels(engine=self.engine_name, kind=_error_kind(exc)).inc()
 
     def _split_by_request(self, batch: _Batch) -> list[_Batch]:
         """One batch per request, holding only that request's pairs."""

@@ -1,8 +1,9 @@
-"""Local ranking shared by the `rank` and `batch` commands: input files, settings from flags, one engine.
+"""What the `rank` and `batch` commands share: input files, settings from flags, and their results.
 
-Everything here runs in the CLI process, with no HTTP in between. Inputs are checked before the model is
-loaded, so a typo in a file costs no model load, and every bad input raises `InputError`, which the CLI
-prints as one line.
+Ranking itself is the server's RerankService (same limits, chunking, top_n, normalization), built by
+gateway.compose and called in this process, with no HTTP in between. Inputs, the service's limits included,
+are checked before the model is loaded, so a typo in a file costs no model load, and every bad input raises
+`InputError`, which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from core.contract import PromptBuilder
-    from engines.base import Engine
     from gateway.config import Settings
+    from gateway.service import RerankOutcome, RerankQuery, RerankService
 
 LOCAL_ENGINES = ("onnx", "reference")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-MANIFEST_NAME = "rerank_manifest.json"
 
 
 class InputError(ValueError):
@@ -268,76 +267,38 @@ def info(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-# --- scoring ----------------------------------------------------------------------------------------
+# --- the service, in this process ------------------------------------------------------------------
 
 
-def estimated_max_of(settings: Settings, model_dir: Path | None) -> float:
-    """Normalization constant: settings, else the prepared model's manifest, else the model itself.
+def rerank_query(
+    query: str,
+    documents: Sequence[str],
+    *,
+    instruction: str | None = None,
+    top_k: int | None = None,
+    normalize: bool = False,
+) -> RerankQuery:
+    """The service's query for one command-line ranking (raw scores unless --normalize)."""
+    from gateway.service import RerankQuery
 
-    An HF folder (the reference engine's) is recognised by its config's shape; a model whose constant cannot
-    be told is a ModelPreparationError naming RERANK_ESTIMATED_MAX, never a silent guess.
-    """
-    from core.contract import ESTIMATED_MAX, resolve_estimated_max
-    from engines.base import ModelPreparationError
-
-    if settings.estimated_max is not None:
-        return settings.estimated_max
-    if model_dir is not None and (model_dir / MANIFEST_NAME).is_file():
-        try:
-            value = json.loads((model_dir / MANIFEST_NAME).read_text()).get("estimated_max")
-        except (OSError, ValueError):
-            value = None
-        if isinstance(value, (int, float)):
-            return float(value)
-    hub_id = settings.model if settings.model_path is None else None
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        try:
-            config = json.loads((model_dir / "config.json").read_text())
-            return resolve_estimated_max(config=config, hub_id=hub_id)[0]
-        except (OSError, ValueError) as exc:
-            raise ModelPreparationError(str(exc)) from exc
-    if settings.model in ESTIMATED_MAX:
-        return ESTIMATED_MAX[settings.model]
-    raise ModelPreparationError(
-        f"cannot tell the normalization constant of {settings.model}; set RERANK_ESTIMATED_MAX "
-        "(9.0 for base-v2 models, 12.0 for large-v2)"
+    return RerankQuery(
+        query=query,
+        documents=tuple(documents),
+        instruction=instruction or None,
+        top_n=top_k,
+        raw_scores=not normalize,
     )
 
 
-def model_dir_for(settings: Settings, engine_name: str) -> Path:
-    """The folder an engine loads: a prepared one, or for the reference engine its HF weights as they are."""
-    from engines.model_store import resolve_model
-
-    if engine_name == "reference":
-        from engines.reference import reference_source
-
-        # The wrapper loads the torch weights itself: exporting ONNX graphs first would be wasted minutes.
-        source = reference_source(None, settings)
-        if Path(source).expanduser().is_dir():
-            return Path(source).expanduser()
-        if settings.model_path is None:
-            # Same revision rule as ReferenceEngine.from_settings.
-            return hub_tokenizer_dir(source, None if settings.reference_model else settings.model_revision)
-    return resolve_model(settings)
-
-
-# What the prompt builder reads; the wrapper downloads the weights into the same hub cache.
-TOKENIZER_PATTERNS = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-
-
-def hub_tokenizer_dir(model_id: str, revision: str | None) -> Path:
-    """Config and tokenizer files of a hub model, fetched into the standard Hugging Face cache."""
-    from huggingface_hub import snapshot_download
-
-    from engines.base import ModelPreparationError
+def check_limits(settings: Settings, query: RerankQuery, where: str | None = None) -> None:
+    """The server's request limits, checked before the model loads; the server's message, with `where`."""
+    from core.errors import InputRejected
+    from gateway.compose import service_limits
 
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=list(TOKENIZER_PATTERNS)))
-    except (OSError, ValueError) as exc:  # hub errors (offline, 404, auth) are OSErrors
-        raise ModelPreparationError(
-            f"could not fetch {model_id!r} from the Hugging Face hub ({type(exc).__name__}); without hub "
-            "access, copy the model's Hugging Face folder here and pass it with --model"
-        ) from exc
+        service_limits(settings).check(query)
+    except InputRejected as exc:
+        raise InputError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 @contextmanager
@@ -357,114 +318,44 @@ def _silenced(quiet: bool) -> Iterator[None]:
         root.setLevel(level)
 
 
-class LocalRanker:
-    """A started engine with its prompt builder: scores queries against documents in this process."""
+async def open_service(
+    settings: Settings, engine_name: str, *, normalize: bool, quiet: bool = True
+) -> tuple[RerankService, Path]:
+    """The server's RerankService on a started local engine (gateway.compose), and the model folder."""
+    from gateway.compose import start_local_service
 
-    def __init__(
-        self,
-        engine: Engine,
-        builder: PromptBuilder,
-        *,
-        engine_name: str,
-        model_dir: Path | None,
-        estimated_max: Callable[[], float],
-    ) -> None:
-        self.engine = engine
-        self.builder = builder
-        self.engine_name = engine_name
-        self.model_dir = model_dir
-        # Looked up only when a caller normalizes: raw scores need no constant, and a model of unknown
-        # shape without RERANK_ESTIMATED_MAX can still be ranked raw.
-        self._estimated_max = estimated_max
-
-    @property
-    def estimated_max(self) -> float:
-        return self._estimated_max()
-
-    @classmethod
-    async def open(cls, settings: Settings, engine_name: str, *, quiet: bool = True) -> LocalRanker:
-        """Resolve the model, build and start the engine."""
-        from core.contract import PromptBuilder
-        from engines.factory import build_engine
-
-        check_model_location(settings)
-        if engine_name == "onnx" and settings.device not in ("auto", "cpu"):
-            info(
-                quiet,
-                f"note: the onnx engine runs on the CPU; --device {settings.device} is for reference",
-            )
-        started = time.perf_counter()
-        with _silenced(quiet):
-            model_dir = model_dir_for(settings, engine_name)
-            builder = PromptBuilder.from_dir(model_dir, max_length=settings.max_length)
-            engine = build_engine(engine_name, settings, model_dir)  # type: ignore[arg-type]
-            await engine.start()
-        info(
-            quiet,
-            f"loaded {model_dir} on the {engine_name} engine"
-            + (f" ({settings.quantization})" if engine_name == "onnx" else "")
-            + f" in {time.perf_counter() - started:.1f} s",
+    check_model_location(settings)
+    if engine_name == "onnx" and settings.device not in ("auto", "cpu"):
+        info(quiet, f"note: the onnx engine runs on the CPU; --device {settings.device} is for reference")
+    started = time.perf_counter()
+    with _silenced(quiet):
+        service, model_dir = await start_local_service(
+            settings,
+            engine_name,  # type: ignore[arg-type]
+            normalize=normalize,
         )
-        return cls(
-            engine,
-            builder,
-            engine_name=engine_name,
-            model_dir=model_dir,
-            estimated_max=lambda: estimated_max_of(settings, model_dir),
-        )
-
-    async def close(self) -> None:
-        await self.engine.close()
-
-    async def scores(
-        self, query: str, documents: Sequence[str], instruction: str | None = None
-    ) -> list[float]:
-        """Raw scores of `documents` for `query`, in input order."""
-        prompts = self.builder.build(query, documents, instruction)
-        scored = await self.engine.score(prompts)
-        return list(scored.scores)
-
-    async def rank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        instruction: str | None = None,
-        top_k: int | None = None,
-        normalize: bool = False,
-        return_documents: bool = True,
-    ) -> list[dict[str, Any]]:
-        """Results best first: {index, score (raw), document?, relevance_score?}."""
-        return format_results(
-            await self.scores(query, documents, instruction),
-            documents,
-            top_k=top_k,
-            estimated_max=self.estimated_max if normalize else None,
-            return_documents=return_documents,
-        )
+    info(
+        quiet,
+        f"loaded {model_dir} on the {engine_name} engine"
+        + (f" ({settings.quantization})" if engine_name == "onnx" else "")
+        + f" in {time.perf_counter() - started:.1f} s",
+    )
+    return service, model_dir
 
 
-def format_results(
-    scores: Sequence[float],
-    documents: Sequence[str],
-    *,
-    top_k: int | None = None,
-    estimated_max: float | None = None,
-    return_documents: bool = True,
+def results(
+    outcome: RerankOutcome, documents: Sequence[str], *, normalize: bool, return_documents: bool = True
 ) -> list[dict[str, Any]]:
-    """Order scores with the gateway's rule and shape them as the CLI prints them."""
-    from core.contract import normalize_score
-    from core.ranking import rank_indices
-
-    out = []
-    for i in rank_indices(scores, top_k):
-        row: dict[str, Any] = {"index": i, "score": float(scores[i])}
-        if estimated_max is not None:
-            row["relevance_score"] = normalize_score(float(scores[i]), estimated_max)
+    """The service's ranking as the CLI prints it: {index, score (raw), relevance_score?, document?}."""
+    rows = []
+    for r in outcome.ranked:
+        row: dict[str, Any] = {"index": r.index, "score": r.raw_score}
+        if normalize:
+            row["relevance_score"] = r.score
         if return_documents:
-            row["document"] = documents[i]
-        out.append(row)
-    return out
+            row["document"] = documents[r.index]
+        rows.append(row)
+    return rows
 
 
 def run(coro: Any) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from engines.base import CircuitState
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS_S = (
@@ -132,3 +134,22 @@ CONNECTIONS_CLOSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+
+class PrometheusEngineObserver:
+    """The engine layer's events (engines.base.EngineObserver) as the rerank_* metrics above."""
+
+    def engine_error(self, engine: str, kind: str) -> None:
+        ENGINE_ERRORS.labels(engine, kind).inc()
+
+    def fallback(self, reason: str) -> None:
+        FALLBACKS.labels(reason).inc()
+
+    def circuit_changed(self, engine: str, state: CircuitState) -> None:
+        CIRCUIT_STATE.labels(engine).set(state.value)
+
+    def engine_health(self, engine: str, healthy: bool) -> None:
+        ENGINE_HEALTHY.labels(engine).set(int(healthy))
+
+
+ENGINE_OBSERVER = PrometheusEngineObserver()

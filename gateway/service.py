@@ -1,44 +1,98 @@
 """RerankService: limits, per-document token caps and chunking, contract prompts, scoring, order, scores.
 
-Dialect-free: routes turn a request into a `RerankQuery` and a `RerankOutcome` back into their own shape.
+Dialect-free and HTTP-free: routes (and the CLI's `rank` / `batch`) turn their input into a `RerankQuery` and
+a `RerankOutcome` back into their own shape. It takes plain arguments (`RerankLimits`) and raises the core's
+domain errors (core.errors); the HTTP edge maps those to statuses. Token ids in, token ids out: a document is
+tokenized once, caps and chunks cut its ids (core.contract.DocumentIds), never its text.
 Tokenization runs in a worker thread (the `tokenizers` library releases the GIL), never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-from core.contract import DOC_PROMPT, Prompt, PromptBuilder, normalize_score
+from core.contract import DocumentIds, Prompt, PromptBuilder, normalize_score
+from core.errors import DeadlineExceeded, InputTooLarge, InvalidInput
 from core.ranking import rank_indices
-from engines.base import Engine, EngineError, Scored
-from gateway.errors import (
-    GatewayTimeout,
-    InvalidRequest,
-    ModelNotFound,
-    PayloadTooLarge,
-    clip,
-    from_engine_error,
-)
-from gateway.metrics import DOCUMENTS_CHUNKED, DOCUMENTS_TRUNCATED
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
+from engines.base import Engine, EngineFailure, Scored
 
 WARMUP_TEXT = "warm-up"
 
 
 class PairScorer(Protocol):
-    """The coalescer's scoring call (gateway.coalescer.Coalescer)."""
+    """The scheduler's scoring call: raw scores in input order."""
 
     async def score(self, prompts: Sequence[Prompt], *, deadline_s: float | None = None) -> Scored:
         """Raw scores in input order; `deadline_s` is an absolute time.monotonic() time."""
+
+
+@dataclass(frozen=True, slots=True)
+class RerankLimits:
+    """What one request may hold and how long it may take (the defaults are the server's)."""
+
+    max_documents: int = 1_000
+    max_query_chars: int = 10_000
+    max_document_chars: int = 100_000
+    max_chunks_per_doc: int = 64  # the most a request's max_chunks_per_doc may ask for
+    chunk_tokens: int = 512  # document tokens per chunk when a request asks for chunking
+    timeout_s: float | None = 60.0  # from arrival to scores; None: no deadline (the CLI)
+    # Where each limit above is configured (field name -> e.g. an environment variable), for the messages.
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def named(self, limit: str) -> str:
+        """` (WHERE)` for a message about `limit`, or nothing when its source is not known."""
+        source = self.sources.get(limit)
+        return f" ({source})" if source else ""
+
+    def check(self, q: RerankQuery) -> None:
+        """Reject what these limits forbid, naming the field (InvalidInput or InputTooLarge)."""
+        param = q.documents_param
+        if not q.documents:
+            raise InvalidInput(
+                f"`{param}` is empty: send at least one document to rank", param=param, code="empty_documents"
+            )
+        if len(q.documents) > self.max_documents:
+            raise InputTooLarge(
+                f"{len(q.documents)} documents in `{param}`; this server takes at most "
+                f"{self.max_documents} per request{self.named('max_documents')}: split the request",
+                param=param,
+                code="too_many_documents",
+            )
+        if len(q.query) > self.max_query_chars:
+            raise InputTooLarge(
+                f"`query` has {len(q.query)} characters; the limit is {self.max_query_chars}"
+                f"{self.named('max_query_chars')}: shorten it",
+                param="query",
+                code="query_too_long",
+            )
+        for i, doc in enumerate(q.documents):
+            if len(doc) > self.max_document_chars:
+                raise InputTooLarge(
+                    f"`{param}[{i}]` has {len(doc)} characters; the limit is {self.max_document_chars}"
+                    f"{self.named('max_document_chars')}: shorten it, or split it into several documents",
+                    param=f"{param}[{i}]",
+                    code="document_too_long",
+                )
+        if q.top_n is not None and q.top_n < 1:
+            raise InvalidInput(
+                f"`top_n` must be at least 1, got {q.top_n}; leave it out to get every document",
+                param="top_n",
+            )
+        if q.max_tokens_per_doc is not None and q.max_tokens_per_doc < 1:
+            raise InvalidInput(
+                f"`max_tokens_per_doc` must be at least 1, got {q.max_tokens_per_doc}",
+                param="max_tokens_per_doc",
+            )
+        if q.max_chunks_per_doc is not None and not 1 <= q.max_chunks_per_doc <= self.max_chunks_per_doc:
+            raise InvalidInput(
+                f"`max_chunks_per_doc` must be between 1 and {self.max_chunks_per_doc}"
+                f"{self.named('max_chunks_per_doc')}, got {q.max_chunks_per_doc}",
+                param="max_chunks_per_doc",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +110,6 @@ class RerankQuery:
     raw_scores: bool = False
     # Field names for error messages, in the dialect's words.
     documents_param: str = "documents"
-    # vLLM's truncate_prompt_tokens / max_tokens_per_query: the prompt's and the query's token caps.
-    max_prompt_tokens: int | None = None
-    max_query_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,117 +136,78 @@ class RerankOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
+class Prepared:
+    """One request's prompts: each document's pieces (one, or its chunks), in document order."""
+
     prompts: list[Prompt]
     owner: list[int]  # document index of each prompt
-    truncated: int
-    chunked: int
+    truncated: int  # documents that lost tokens (cap, dropped chunks, or the contract's truncation)
+    chunked: int  # documents scored as more than one chunk
 
 
 class RerankService:
-    """Scores rerank queries on one engine (through the coalescer when there is one)."""
+    """Scores rerank queries on one engine (through the scheduler when there is one)."""
 
     def __init__(
         self,
-        settings: Settings,
         builder: PromptBuilder,
         engine: Engine,
         *,
-        estimated_max: float,
+        limits: RerankLimits | None = None,
+        estimated_max: float | None = None,
         scorer: PairScorer | None = None,
+        on_outcome: Callable[[RerankOutcome], None] | None = None,
     ) -> None:
-        self.settings = settings
         self.builder = builder
         self.engine = engine
-        self.scorer = scorer
+        self.limits = limits or RerankLimits()
+        # None: raw scores only (a model of unknown shape can still be ranked raw).
         self.estimated_max = estimated_max
+        self.scorer = scorer
+        # Told every outcome (the edge counts truncated and chunked documents from it).
+        self.on_outcome = on_outcome
         self.ready = False
-        self._doc_prefix_tokens = builder.count_tokens(DOC_PROMPT.format(document="").rstrip())
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
     async def warm(self) -> None:
         """Score one pair straight on the engine, so the first request pays no lazy initialization."""
-        prompts = self.builder.build(WARMUP_TEXT, [WARMUP_TEXT])
-        try:
-            await self.engine.score(prompts)
-        except EngineError as exc:
-            raise from_engine_error(exc) from exc
+        await self.engine.score(self.builder.build(WARMUP_TEXT, [WARMUP_TEXT]))
 
     # --- one request -------------------------------------------------------------------------------
 
     def check_limits(self, q: RerankQuery) -> None:
-        """Reject what the configured limits forbid, naming the field (400 or 413)."""
-        s = self.settings
-        param = q.documents_param
-        # Empty documents and top_n < 1 are refused at the HTTP edge (gateway.dialects.check_query).
-        if len(q.documents) > s.max_documents_per_request:
-            raise PayloadTooLarge(
-                f"{len(q.documents)} documents in `{param}`; this server takes at most "
-                f"{s.max_documents_per_request} per request (RERANK_MAX_DOCUMENTS_PER_REQUEST): split the "
-                "request",
-                param=param,
-                code="too_many_documents",
-            )
-        if len(q.query) > s.max_query_chars:
-            raise PayloadTooLarge(
-                f"`query` has {len(q.query)} characters; the limit is {s.max_query_chars} "
-                "(RERANK_MAX_QUERY_CHARS): shorten it",
-                param="query",
-                code="query_too_long",
-            )
-        for i, doc in enumerate(q.documents):
-            if len(doc) > s.max_document_chars:
-                raise PayloadTooLarge(
-                    f"`{param}[{i}]` has {len(doc)} characters; the limit is {s.max_document_chars} "
-                    "(RERANK_MAX_DOCUMENT_CHARS): shorten it, or split it into several documents",
-                    param=f"{param}[{i}]",
-                    code="document_too_long",
-                )
-        if q.max_tokens_per_doc is not None and q.max_tokens_per_doc < 1:
-            raise InvalidRequest(
-                f"`max_tokens_per_doc` must be at least 1, got {q.max_tokens_per_doc}",
-                param="max_tokens_per_doc",
-            )
-        if q.max_chunks_per_doc is not None and not 1 <= q.max_chunks_per_doc <= s.max_chunks_per_doc_limit:
-            raise InvalidRequest(
-                f"`max_chunks_per_doc` must be between 1 and {s.max_chunks_per_doc_limit} "
-                f"(RERANK_MAX_CHUNKS_PER_DOC_LIMIT), got {q.max_chunks_per_doc}",
-                param="max_chunks_per_doc",
+        """Reject what the limits forbid, naming the field (InvalidInput or InputTooLarge)."""
+        self.limits.check(q)
+        if not q.raw_scores and self.estimated_max is None:
+            raise InvalidInput(
+                "this model's normalization constant is not known: ask for raw scores, or configure "
+                f"estimated_max{self.limits.named('estimated_max')}",
+                param="raw_scores",
+                code="no_normalization_constant",
             )
 
     async def rerank(self, q: RerankQuery) -> RerankOutcome:
         """Score, aggregate (max over chunks), normalize and order one request's documents."""
         self.check_limits(q)
-        if q.max_query_tokens is not None:
-            q = dataclasses.replace(q, query=self.cut_tokens(q.query, q.max_query_tokens)[0])
         # The deadline counts from arrival: tokenization time is part of the request's budget.
-        deadline_s = time.monotonic() + self.settings.request_timeout_ms / 1000.0
+        timeout_s = self.limits.timeout_s
+        deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
         t0 = time.perf_counter()
-        prepared = await asyncio.to_thread(self._prepare, q)
+        prepared = await asyncio.to_thread(self.prepare, q)
         t1 = time.perf_counter()
         scored = await self._score(prepared.prompts, deadline_s)
         t2 = time.perf_counter()
         if len(scored.scores) != len(prepared.prompts):
-            raise from_engine_error(
-                EngineError(f"{len(scored.scores)} scores for {len(prepared.prompts)} prompts")
-            )
+            raise EngineFailure(f"{len(scored.scores)} scores for {len(prepared.prompts)} prompts")
         raw = [float("-inf")] * len(q.documents)
         for owner, score in zip(prepared.owner, scored.scores, strict=True):
             raw[owner] = max(raw[owner], float(score))
-        if prepared.truncated:
-            DOCUMENTS_TRUNCATED.inc(prepared.truncated)
-        if prepared.chunked:
-            DOCUMENTS_CHUNKED.inc(prepared.chunked)
         ranked = tuple(
-            RankedDocument(
-                index=i,
-                score=raw[i] if q.raw_scores else normalize_score(raw[i], self.estimated_max),
-                raw_score=raw[i],
-            )
+            RankedDocument(index=i, score=self._shown(raw[i], q.raw_scores), raw_score=raw[i])
             for i in rank_indices(raw, q.top_n)
         )
-        return RerankOutcome(
+        outcome = RerankOutcome(
             ranked=ranked,
             prompt_tokens=sum(len(p) for p in prepared.prompts),
             pairs_scored=len(prepared.prompts),
@@ -205,147 +217,60 @@ class RerankService:
             tokenization_ms=(t1 - t0) * 1000.0,
             inference_ms=(t2 - t1) * 1000.0,
         )
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
 
-    async def _score(self, prompts: list[Prompt], deadline_s: float) -> Scored:
-        """Scores through the coalescer, or straight from the engine; `deadline_s` is time.monotonic()."""
+    def _shown(self, raw: float, raw_scores: bool) -> float:
+        if raw_scores or self.estimated_max is None:
+            return raw
+        return normalize_score(raw, self.estimated_max)
+
+    async def _score(self, prompts: list[Prompt], deadline_s: float | None) -> Scored:
+        """Scores through the scheduler, or straight from the engine; `deadline_s` is time.monotonic()."""
+        if self.scorer is not None:
+            return await self.scorer.score(prompts, deadline_s=deadline_s)
+        if deadline_s is None:
+            return await self.engine.score(prompts)
         try:
-            if self.scorer is not None:
-                return await self.scorer.score(prompts, deadline_s=deadline_s)
             return await asyncio.wait_for(self.engine.score(prompts), deadline_s - time.monotonic())
         except asyncio.TimeoutError as exc:
-            raise GatewayTimeout(
-                f"the request was not scored within {self.settings.request_timeout_ms} ms "
-                "(RERANK_REQUEST_TIMEOUT_MS): retry, or send fewer or shorter documents"
+            raise DeadlineExceeded(
+                f"the request was not scored within {self.limits.timeout_s * 1000:.0f} ms"
+                f"{self.limits.named('timeout_s')}: retry, or send fewer or shorter documents"
             ) from exc
-        except EngineError as exc:
-            raise from_engine_error(exc) from exc
 
     # --- documents -> prompts (worker thread) --------------------------------------------------------
 
-    def _prepare(self, q: RerankQuery) -> _Prepared:
-        pieces: list[str] = []
+    def prepare(self, q: RerankQuery) -> Prepared:
+        """Each document tokenized once; caps, side fits and chunks cut its ids; one prompt per piece."""
+        b = self.builder
+        query = b.encode_query(q.query, q.instruction)
+        prompts: list[Prompt] = []
         owner: list[int] = []
         cut_docs: set[int] = set()
         chunked = 0
-        fit_tokens = self._fit_budget(q) if q.fit_side else None
-        if q.max_prompt_tokens is not None:
-            overhead = self._fit_budget_overhead(q)
-            prompt_cap = max(1, q.max_prompt_tokens - overhead)
-            fit_tokens = prompt_cap if fit_tokens is None else min(fit_tokens, prompt_cap)
-        for i, doc in enumerate(q.documents):
-            text = doc
-            cap = q.max_tokens_per_doc
-            side = "right"
-            if fit_tokens is not None and (cap is None or fit_tokens < cap):
-                cap, side = fit_tokens, q.fit_side or "right"
-            if cap is not None:
-                text, cut = self.cut_tokens(text, cap, side=side)
-                if cut:
-                    cut_docs.add(i)
+        for i, doc in enumerate(b.encode_documents(q.documents)):
+            kept = doc
+            if q.fit_side is not None:
+                kept = b.fit(query, doc, q.fit_side)
+            # A token cap tighter than the fit wins, and keeps the document's start.
+            if q.max_tokens_per_doc is not None and len(kept) > q.max_tokens_per_doc:
+                kept = doc.first(q.max_tokens_per_doc)
+            pieces: list[DocumentIds] = [kept]
             if q.max_chunks_per_doc is not None:
-                chunks = self.split_tokens(text, self.settings.chunk_tokens)
-                if len(chunks) > q.max_chunks_per_doc:
-                    chunks = chunks[: q.max_chunks_per_doc]
+                pieces = kept.chunks(self.limits.chunk_tokens)
+                if len(pieces) > q.max_chunks_per_doc:
+                    pieces = pieces[: q.max_chunks_per_doc]
                     cut_docs.add(i)
-                if len(chunks) > 1:
+                if len(pieces) > 1:
                     chunked += 1
-            else:
-                chunks = [text]
-            pieces.extend(chunks)
-            owner.extend([i] * len(chunks))
-        prompts = self.builder.build(q.query, pieces, q.instruction)
-        for p, i in zip(prompts, owner, strict=True):
-            if p.truncated:
+            if len(kept) < len(doc):
                 cut_docs.add(i)
-        return _Prepared(prompts, owner, len(cut_docs), chunked)
-
-    def _fit_budget_overhead(self, q: RerankQuery) -> int:
-        """Prompt tokens besides the document's own text: template, query, separators, `document: `."""
-        b = self.builder
-        q_tokens = min(b.count_tokens(b.query_text(q.query, q.instruction)), b.max_query_tokens)
-        return b.fixed_length + q_tokens + len(b.sep_ids) + self._doc_prefix_tokens
-
-    def _fit_budget(self, q: RerankQuery) -> int:
-        """Document tokens that fit next to this query under the contract (for TEI side-aware cuts)."""
-        b = self.builder
-        q_tokens = min(b.count_tokens(b.query_text(q.query, q.instruction)), b.max_query_tokens)
-        doc_cap = min(b.model_max_length - q_tokens - b.fixed_length, b.max_length)
-        pair_cap = b.max_length - q_tokens - len(b.sep_ids)
-        return max(1, min(doc_cap, pair_cap) - self._doc_prefix_tokens)
-
-    def _offsets(self, text: str) -> list[tuple[int, int]]:
-        return list(self.builder.tokenizer.encode(text, add_special_tokens=False).offsets)
-
-    def cut_tokens(self, text: str, max_tokens: int, *, side: str = "right") -> tuple[str, bool]:
-        """Keep `max_tokens` tokens of `text` (the first ones, or the last with side='left')."""
-        offsets = self._offsets(text)
-        if len(offsets) <= max_tokens:
-            return text, False
-        if side == "left":
-            return text[offsets[len(offsets) - max_tokens][0] :], True
-        return text[: offsets[max_tokens][0]], True
-
-    def split_tokens(self, text: str, chunk_tokens: int) -> list[str]:
-        """Cut `text` at token boundaries into pieces of `chunk_tokens` tokens (the last may be shorter)."""
-        offsets = self._offsets(text)
-        if len(offsets) <= chunk_tokens:
-            return [text]
-        starts = [offsets[k][0] for k in range(0, len(offsets), chunk_tokens)]
-        starts[0] = 0
-        bounds = [*starts, len(text)]
-        return [text[a:b] for a, b in itertools.pairwise(bounds) if a < b]
-
-
-def served_names(settings: Settings) -> list[str]:
-    """Every name a request's `model` may use: the served name first, then the hub id and the aliases.
-
-    RERANK_MODEL counts only when it is what is served (no RERANK_MODEL_PATH) or was set explicitly: a
-    default hub id must not be announced for a folder that holds another model.
-    """
-    names = [settings.public_model_name]
-    if settings.model_path is None or "model" in settings.model_fields_set:
-        names.append(settings.model)
-    names.extend(settings.model_aliases)
-    return list(dict.fromkeys(n for n in names if n))
-
-
-def manifest_model_name(model_dir: Path) -> str | None:
-    """The name a prepared folder's manifest gives its model: the hub id, or a local source's folder name."""
-    from engines.base import ModelPreparationError
-    from engines.model_store import load_manifest
-
-    try:
-        source = load_manifest(model_dir).source
-    except (ModelPreparationError, OSError, ValueError):
-        return None  # the engine reports a broken folder itself, with a better message
-    if not isinstance(source, str) or not source.strip():
-        return None
-    source = source.strip()
-    # A hub id is `owner/name`; anything else is a path on the exporting machine: its last part names it.
-    is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
-    return source if is_hub_id else (PurePath(source.replace("\\", "/")).name or None)
-
-
-def with_served_name(settings: Settings, model_dir: Path) -> Settings:
-    """Settings naming the served model: RERANK_SERVED_MODEL_NAME, else the manifest's source, else the id."""
-    if settings.served_model_name:
-        return settings
-    name = manifest_model_name(model_dir)
-    if not name or name == settings.model:
-        return settings
-    return settings.model_copy(update={"served_model_name": name})
-
-
-def check_model_name(settings: Settings, name: str | None) -> None:
-    """404 unless `name` is absent or one of the served names."""
-    if name is None:
-        return
-    names = served_names(settings)
-    if name not in names:
-        raise ModelNotFound(
-            f"model {clip(name)} is not served here: use {names[0]!r} or leave `model` out"
-            + (f" (also accepted: {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else "")
-            + "; more names can be added with RERANK_MODEL_ALIASES",
-            param="model",
-            code="model_not_found",
-        )
+            for piece in pieces:
+                prompt = b.prompt(query, piece)
+                if prompt.truncated:
+                    cut_docs.add(i)
+                prompts.append(prompt)
+                owner.append(i)
+        return Prepared(prompts, owner, len(cut_docs), chunked)

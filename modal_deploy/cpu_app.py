@@ -54,10 +54,10 @@ GATEWAY_ENV = {
 def prepare_model_into_volume(model: str, revision: str, models_dir: str = MODELS_DIR) -> str:
     """Export the model (ONNX fp32) into the volume, unless a complete copy is already there.
 
-    The gateway's own resolution does it (engines.model_store.resolve_model), so the folder lands exactly
+    The gateway's own resolution does it (gateway.compose.resolve_model), so the folder lands exactly
     where the serving containers look for it.
     """
-    from engines.model_store import resolve_model
+    from gateway.compose import resolve_model
     from gateway.config import Settings
 
     settings = Settings(
@@ -111,8 +111,8 @@ def prepare_model() -> str:
 
 def gateway_app():
     """The ASGI app, built exactly as `rerank-gateway serve` builds it (settings from the environment)."""
-    from engines.model_store import resolve_model
     from gateway.app import create_app
+    from gateway.compose import resolve_model
     from gateway.config import get_settings
 
     settings = get_settings()

@@ -7,6 +7,7 @@ keyed by the model recipe; a file lock makes concurrent test processes build it 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import os
@@ -14,11 +15,15 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from engines.model_store import file_lock
+from engines.resolve import file_lock
 from tests import tiny_model
+
+if TYPE_CHECKING:
+    from engines.onnx_engine import OnnxEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = Path(os.environ.get("RERANK_TEST_CACHE", REPO_ROOT / ".cache" / "test-models"))
@@ -99,6 +104,19 @@ def tiny_hf_dir() -> Path:
 def tiny_model_dir(tiny_hf_dir: Path) -> Path:
     """Prepared folder: model.onnx (fp32), model.int8.onnx, rerank_manifest.json, tokenizer, config."""
     return prepared_model(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(tiny_model_dir: Path) -> Iterator[OnnxEngine]:
+    """The tiny model on the real ONNX engine, fp32 (batch-invariant: a score does not depend on its batch
+    mates), one intra-op thread, started once per module. It belongs to no event loop (its work runs on its
+    own thread), so sync and async tests share it; wrap it in tests.fakes.RecordingEngine to watch it."""
+    from engines.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1)
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.close())
 
 
 @pytest.fixture(scope="session")

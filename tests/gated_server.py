@@ -20,9 +20,8 @@ from prometheus_client import Gauge
 
 from core.contract import Prompt
 from engines.base import Engine, Scored
-from engines.factory import build_serving_engine
-from engines.model_store import resolve_model
 from gateway.app import create_app
+from gateway.compose import build_serving_engine, resolve_model
 from gateway.config import Settings
 from gateway.http_server import serve_app
 from gateway.metrics import REGISTRY

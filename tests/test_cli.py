@@ -72,14 +72,14 @@ def engine_scores_many(
 ) -> list[list[float]]:
     """Raw scores from one ONNX engine called directly, per (query, documents, instruction) request."""
     from core.contract import PromptBuilder
-    from engines.onnx_engine import OnnxEngine
+    from gateway.compose import build_onnx
     from gateway.config import Settings
 
     settings = Settings(_env_file=None, model_path=model_dir)
     builder = PromptBuilder.from_dir(model_dir)
 
     async def go() -> list[list[float]]:
-        engine = OnnxEngine.from_settings(model_dir, settings)
+        engine = build_onnx(settings, model_dir)
         await engine.start()
         try:
             return [

@@ -43,13 +43,13 @@ def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir: Path) -> dict[int, float]:
     """Normalized scores of DOCS from the ONNX engine called directly."""
-    from engines.onnx_engine import OnnxEngine
+    from gateway.compose import build_onnx
     from gateway.config import Settings
 
     settings = Settings(_env_file=None, model_path=tiny_model_dir, quantization="fp32")
 
     async def go() -> list[float]:
-        engine = OnnxEngine.from_settings(tiny_model_dir, settings)
+        engine = build_onnx(settings, tiny_model_dir)
         await engine.start()
         try:
             prompts = PromptBuilder.from_dir(tiny_model_dir).build(QUERY, DOCS)

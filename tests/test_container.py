@@ -163,12 +163,12 @@ def served(image: str, tiny_model_dir: Path) -> Iterator[Container]:
 def direct_raw_scores(model_dir: Path, query: str, documents: list[str]) -> list[float]:
     """Raw scores of the ONNX engine in this process, on prompts the contract builds."""
     from core.contract import PromptBuilder
-    from engines.onnx_engine import OnnxEngine
+    from gateway.compose import build_onnx
     from gateway.config import Settings
 
     settings = Settings(_env_file=None, model_path=model_dir, quantization="fp32", onnx_intra_op_threads=1)
     prompts = PromptBuilder.from_dir(model_dir, max_length=settings.max_length).build(query, documents, None)
-    engine = OnnxEngine.from_settings(model_dir, settings)
+    engine = build_onnx(settings, model_dir)
 
     async def run() -> list[float]:
         await engine.start()

@@ -501,7 +501,7 @@ def test_modal_pins_satisfy_pyproject_and_cover_every_runtime_dependency():
 def gateway_env(monkeypatch, tmp_path, tiny_model_dir):
     """The CPU app's gateway environment, with its /models volume at a temporary folder holding the model
     where prepare_model leaves it."""
-    from engines.model_store import _slug
+    from engines.resolve import slug
     from gateway.config import get_settings
     from modal_deploy import cpu_app
 
@@ -512,7 +512,7 @@ def gateway_env(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setenv("RERANK_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("RERANK_AUTO_EXPORT", "false")
     monkeypatch.chdir(tmp_path)  # no .env from the repository
-    prepared = tmp_path / "prepared" / f"{_slug(cpu_app.MODEL)}@{_slug(cpu_app.MODEL_REVISION)}"
+    prepared = tmp_path / "prepared" / f"{slug(cpu_app.MODEL)}@{slug(cpu_app.MODEL_REVISION)}"
     shutil.copytree(tiny_model_dir, prepared)
     get_settings.cache_clear()
     yield prepared

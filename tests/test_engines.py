@@ -18,6 +18,7 @@ from engines.fidelity import spearman
 from engines.model_store import MANIFEST_NAME
 from engines.onnx_engine import OnnxEngine
 from engines.reference import ReferenceEngine, reference_source
+from gateway import compose
 from tests import cases
 
 SHORT_TOLERANCE = 1e-3
@@ -28,12 +29,10 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture(scope="module")
-def onnx_fp32(tiny_model_dir: Path):
-    engine = OnnxEngine(tiny_model_dir, quantization="fp32")
-    _run(engine.start())
-    yield engine
-    _run(engine.close())
+@pytest.fixture
+def onnx_fp32(onnx_engine: OnnxEngine) -> OnnxEngine:
+    """The shared fp32 engine of tests/conftest.py."""
+    return onnx_engine
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +239,9 @@ async def test_onnx_start_refuses_a_corrupt_model_folder(tmp_path, tiny_model_di
     await engine.close()
 
 
-def test_onnx_from_settings_takes_threads_budgets_and_quantization(make_settings, tiny_model_dir):
+def test_compose_builds_onnx_with_the_threads_budgets_and_quantization_set(
+    make_settings, tiny_model_dir
+):
     settings = make_settings(
         quantization="fp32",
         onnx_intra_op_threads=1,
@@ -249,12 +250,12 @@ def test_onnx_from_settings_takes_threads_budgets_and_quantization(make_settings
         max_batch_pairs=7,
         verify_hashes=False,
     )
-    engine = OnnxEngine.from_settings(tiny_model_dir, settings)
+    engine = compose.build_onnx(settings, tiny_model_dir)
     assert engine.info.max_batch_tokens == 1234
     assert engine.info.max_batch_pairs == 7
     assert engine.quantization == "fp32"
     assert engine.intra_op_threads == 1
-    default = OnnxEngine.from_settings(tiny_model_dir, make_settings())
+    default = compose.build_onnx(make_settings(), tiny_model_dir)
     assert default.info.max_batch_tokens >= 4096
     assert default.info.max_batch_pairs >= 32
 
@@ -262,12 +263,23 @@ def test_onnx_from_settings_takes_threads_budgets_and_quantization(make_settings
 def test_reference_source_prefers_explicit_then_hf_folder_then_export_source(
     make_settings, tiny_model_dir, tiny_hf_dir
 ):
-    assert reference_source(tiny_model_dir, make_settings(reference_model="org/x")) == "org/x"
-    assert reference_source(tiny_model_dir, make_settings(model_path=tiny_hf_dir)) == str(tiny_hf_dir)
+    def source(model_dir, reference_model=None, model_path=tiny_model_dir, hub_model="org/hub"):
+        return reference_source(
+            model_dir, reference_model=reference_model, model_path=model_path, hub_model=hub_model
+        )
+
+    assert source(tiny_model_dir, reference_model="org/x") == "org/x"
+    assert source(tiny_model_dir, model_path=tiny_hf_dir) == str(tiny_hf_dir)
     # A prepared folder exported from a local folder points back at its weights.
-    assert reference_source(tiny_model_dir, make_settings()) == str(tiny_hf_dir.resolve())
+    assert source(tiny_model_dir) == str(tiny_hf_dir.resolve())
+    assert source(None, model_path=None) == "org/hub"
+    # The composition root reads the same three from the settings.
+    assert compose.reference_source(make_settings(reference_model="org/x"), tiny_model_dir) == "org/x"
+    assert compose.reference_source(make_settings(), tiny_model_dir) == str(tiny_hf_dir.resolve())
     hub = make_settings(model_path=None, model="mixedbread-ai/mxbai-rerank-base-v2")
-    assert reference_source(None, hub) == "mixedbread-ai/mxbai-rerank-base-v2"
+    assert compose.reference_source(hub, None) == "mixedbread-ai/mxbai-rerank-base-v2"
+    assert compose.reference_revision(make_settings(model_revision="v1")) == "v1"
+    assert compose.reference_revision(make_settings(model_revision="v1", reference_model="org/x")) is None
 
 
 async def test_int8_score_of_a_prompt_does_not_depend_on_its_batch(onnx_int8, short_prompts):

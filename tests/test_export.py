@@ -12,10 +12,11 @@ import onnx
 import pytest
 
 from core.contract import CONTRACT_VERSION
-from engines import model_store
+from engines import model_store, resolve
 from engines.base import ModelPreparationError
-from engines.model_store import MANIFEST_NAME, load_manifest, resolve_model, sha256_file, verify_model_dir
+from engines.model_store import MANIFEST_NAME, load_manifest, sha256_file, verify_model_dir
 from gateway.cli import main
+from gateway.compose import model_source, resolve_model
 from tests.conftest import TINY_INT8_GATE
 
 TINY_VOCAB = 151936
@@ -274,11 +275,11 @@ def test_resolve_exports_a_plain_hf_folder_into_the_cache_once(tmp_path: Path, t
 
 def test_resolve_reuses_a_cached_hub_export_without_the_hub(tmp_path: Path, tiny_model_dir: Path):
     settings = _settings(tmp_path, model="mixedbread-ai/mxbai-rerank-base-v2", model_revision="v1")
-    target = model_store.hub_cache_target(settings)
+    target = resolve.hub_cache_target(model_source(settings))
     _copy_prepared(tiny_model_dir, target)
     assert resolve_model(settings) == target
     other_revision = _settings(tmp_path, model="mixedbread-ai/mxbai-rerank-base-v2", model_revision="v2")
-    assert model_store.hub_cache_target(other_revision) != target
+    assert resolve.hub_cache_target(model_source(other_revision)) != target
 
 
 def test_resolve_without_auto_export_says_how_to_prepare_the_model(tmp_path: Path):
@@ -298,14 +299,14 @@ def test_resolve_with_the_hub_unreachable_names_model_path(tmp_path: Path, monke
     with pytest.raises(ModelPreparationError, match="RERANK_MODEL_PATH") as info:
         resolve_model(settings)
     assert "mixedbread-ai/mxbai-rerank-base-v2" in str(info.value)
-    assert not model_store.is_prepared_dir(model_store.hub_cache_target(settings))
+    assert not model_store.is_prepared_dir(resolve.hub_cache_target(model_source(settings)))
 
 
 def test_resolve_without_the_export_extra_says_how_to_prepare_the_model(
     tmp_path: Path, tiny_hf_dir: Path, monkeypatch
 ):
     # Serving images install no torch: simulate that installation.
-    monkeypatch.setattr(model_store, "export_available", lambda: False)
+    monkeypatch.setattr(resolve, "export_available", lambda: False)
     with pytest.raises(ModelPreparationError, match="rerank-gateway export") as info:
         resolve_model(_settings(tmp_path, model_path=tiny_hf_dir))
     assert "RERANK_MODEL_PATH" in str(info.value)

@@ -46,7 +46,7 @@ class DirectEngine:
     """The ONNX engine in this process, scoring prompts the contract builds (the reference numbers)."""
 
     def __init__(self, model_dir: Path) -> None:
-        from engines.onnx_engine import OnnxEngine
+        from gateway.compose import build_onnx
         from gateway.config import Settings
 
         settings = Settings(
@@ -54,7 +54,7 @@ class DirectEngine:
         )
         self.builder = PromptBuilder.from_dir(model_dir, max_length=MAX_LENGTH)
         self.loop = asyncio.new_event_loop()
-        self.engine = OnnxEngine.from_settings(model_dir, settings)
+        self.engine = build_onnx(settings, model_dir)
         self.loop.run_until_complete(self.engine.start())
 
     def raw(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]:

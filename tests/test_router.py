@@ -13,16 +13,12 @@ import asyncio
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from core.contract import Prompt, PromptBuilder
 from engines.base import (
@@ -35,10 +31,9 @@ from engines.base import (
 from engines.onnx_engine import OnnxEngine
 from engines.router import CircuitBreaker, CircuitState, RoutedEngine
 from engines.vllm_engine import SidecarMisconfigured, VllmEngine
-from engines.vllm_launch import HF_OVERRIDES, build_argv, options_from_env
 from gateway import metrics
 from tests.conftest import free_port
-from tests.fakes import DelegatingEngine
+from tests.fakes import RecordingEngine
 
 TOLERANCE = 1e-5
 # Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
@@ -178,33 +173,15 @@ def http_peer(cls=HttpPeer, *args) -> Iterator[HttpPeer]:
 # --- engines ---------------------------------------------------------------------------------------
 
 
-class SharedEngine(DelegatingEngine):
-    """The module's real ONNX engine, recording each call's prompts; its owner fixture closes it."""
-
-    def __init__(self, inner: OnnxEngine) -> None:
-        super().__init__(inner)
-        self.calls: list[int] = []
-
-    async def score(self, prompts: Sequence[Prompt]) -> Scored:
-        self.calls.append(len(prompts))
-        return await self.inner.score(prompts)
-
-    async def close(self) -> None:
-        """Closed by the module fixture, not by each router."""
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def onnx(tiny_model_dir: Path):
-    # fp32: int8 dynamic quantization scales activations per batch, so scores would depend on batch mates.
-    engine = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1)
-    await engine.start()
-    yield engine
-    await engine.close()
+@pytest.fixture
+def onnx(onnx_engine: OnnxEngine) -> OnnxEngine:
+    """The shared fp32 engine (tests/conftest.py): fp32 scores do not depend on their batch mates."""
+    return onnx_engine
 
 
 @pytest.fixture
-def fallback(onnx: OnnxEngine) -> SharedEngine:
-    return SharedEngine(onnx)
+def fallback(onnx: OnnxEngine) -> RecordingEngine:
+    return RecordingEngine(onnx)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +208,8 @@ def routed(primary, fallback, **kw) -> RoutedEngine:
     kw.setdefault("reset_ms", 60_000)
     # A slow probe by default, so only the batches under test move the breaker.
     kw.setdefault("probe_interval_ms", 60_000)
+    # The metrics the app reports through, so the tests below can read them as an operator would.
+    kw.setdefault("observer", metrics.ENGINE_OBSERVER)
     return RoutedEngine(primary, fallback, **kw)
 
 
@@ -630,7 +609,7 @@ async def test_probe_closes_the_circuit_when_primary_recovers_without_traffic(pr
 
 async def test_fallback_gets_batches_cut_to_its_own_budget(prompt_builder, tiny_model_dir, prompts):
     small = OnnxEngine(tiny_model_dir, quantization="fp32", intra_op_threads=1, max_batch_pairs=4)
-    watched = SharedEngine(small)
+    watched = RecordingEngine(small)
     await small.start()
     try:
         docs = [f"document {i} " + "word " * (i * 7 % 30) for i in range(12)]
@@ -645,97 +624,7 @@ async def test_fallback_gets_batches_cut_to_its_own_budget(prompt_builder, tiny_
             await router.close()
         assert r.engine == "onnx"
         assert_scores(r.scores, want)
-        assert sum(watched.calls) == len(many)
-        assert max(watched.calls) <= 4
+        assert sum(watched.sizes()) == len(many)
+        assert max(watched.sizes()) <= 4
     finally:
         await small.close()
-
-
-# --- the sidecar's launch command (one source for tests, compose, Dockerfile.gpu and Modal) -------------
-
-
-def test_launch_options_come_from_the_environment_and_make_the_mxbai_classifier_flags():
-    opts = options_from_env(
-        {
-            "RERANK_MODEL": "/models/mxbai-rerank-large-v2",
-            "RERANK_MODEL_REVISION": "abc123",
-            "RERANK_VLLM_MODEL": "mxbai-large",
-            "RERANK_VLLM_DTYPE": "bfloat16",
-            "RERANK_VLLM_MAX_MODEL_LEN": "4096",
-            "RERANK_VLLM_MAX_NUM_SEQS": "32",
-            "RERANK_VLLM_GPU_MEMORY_UTILIZATION": "0.8",
-            "RERANK_VLLM_HOST": "0.0.0.0",
-            "RERANK_VLLM_PORT": "8001",
-            "RERANK_VLLM_ENFORCE_EAGER": "true",
-            "RERANK_VLLM_EXTRA_ARGS": "--max-num-batched-tokens 16384",
-            "RERANK_VLLM_PYTHON": "/opt/vllm/bin/python",
-        }
-    )
-    argv = build_argv(opts)
-    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
-    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
-    assert flags["--model"] == "/models/mxbai-rerank-large-v2"
-    assert flags["--revision"] == "abc123"
-    assert flags["--served-model-name"] == "mxbai-large"
-    assert flags["--runner"] == "pooling"
-    assert flags["--convert"] == "classify"
-    assert json.loads(flags["--hf-overrides"]) == HF_OVERRIDES
-    assert HF_OVERRIDES["method"] == "from_2_way_softmax"
-    assert HF_OVERRIDES["classifier_from_token"] == ["0", "1"]  # raw = logit("1") - logit("0")
-    assert (flags["--dtype"], flags["--max-model-len"], flags["--max-num-seqs"]) == ("bfloat16", "4096", "32")
-    assert (flags["--gpu-memory-utilization"], flags["--host"], flags["--port"]) == ("0.8", "0.0.0.0", "8001")
-    assert "--enforce-eager" in argv
-    assert argv[-2:] == ["--max-num-batched-tokens", "16384"]
-    assert "--task" not in argv  # removed from current vLLM
-
-
-def test_default_launch_fits_the_contracts_longest_prompt_and_compiles_cuda_graphs():
-    opts = options_from_env({})
-    argv = build_argv(opts)
-    # The contract builds prompts of up to max_length (8192) + the 79-token template.
-    assert int(argv[argv.index("--max-model-len") + 1]) >= 8192 + 79
-    assert "--enforce-eager" not in argv
-    assert opts.served_name == opts.model == "mixedbread-ai/mxbai-rerank-base-v2"
-    assert options_from_env({"RERANK_VLLM_ENFORCE_EAGER": "0"}).enforce_eager is False
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"RERANK_VLLM_ENFORCE_EAGER": "maybe"}, "RERANK_VLLM_ENFORCE_EAGER='maybe': use true or false"),
-        ({"RERANK_VLLM_PORT": "eighty"}, "RERANK_VLLM_PORT='eighty' is not a valid int"),
-    ],
-)
-def test_launcher_rejects_a_bad_environment_with_one_line(env, message):
-    run = subprocess.run(
-        [sys.executable, "-m", "engines.vllm_launch", "--print"],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 2
-    assert message in run.stderr
-    assert "Traceback" not in run.stderr
-
-
-def test_cli_prints_the_same_command_as_the_launcher():
-    env = {"PATH": "/usr/bin:/bin", "RERANK_VLLM_PORT": "8123", "RERANK_VLLM_MODEL": "tiny"}
-    launcher = subprocess.run(
-        [sys.executable, "-m", "engines.vllm_launch", "--print", "--dtype", "float32"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    cli = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "vllm", "args", "--dtype", "float32"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert cli.stdout == launcher.stdout
-    assert "--port 8123 --served-model-name tiny" in cli.stdout

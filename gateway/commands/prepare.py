@@ -1,6 +1,6 @@
 """`rerank-gateway prepare`: make the configured model servable, the way `serve` would on first start.
 
-It runs the gateway's own model resolution (engines.model_store.resolve_model) on the RERANK_* settings:
+It runs the gateway's own model resolution (gateway.compose.resolve_model) on the RERANK_* settings:
 a prepared RERANK_MODEL_PATH is checked, an HF folder or the hub id RERANK_MODEL@RERANK_MODEL_REVISION is
 exported and int8-quantized into RERANK_CACHE_DIR once. It prints the prepared folder. Containers and
 Modal run it before the gateway starts, so the gateway image itself never needs torch.
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.model_store import resolve_model
+    from gateway.compose import resolve_model
     from gateway.config import Settings
 
     overrides = {

@@ -25,34 +25,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Every input is checked before the model loads.
+    # Every input, the server's request limits included, is checked before the model loads.
     query = local.check_query(args.query, "--query")
     documents = local.load_documents(args.docs_file)
     top_k = local.parse_top_k(args.top_k, "--top-k")
-    instruction = args.instruction or None
     settings = local.settings_from_args(args)
     engine_name = local.engine_name_from_args(args, settings)
+    request = local.rerank_query(
+        query, documents, instruction=args.instruction, top_k=top_k, normalize=args.normalize
+    )
+    local.check_limits(settings, request)
     local.check_model_location(settings)
 
     async def go() -> list[dict]:
-        ranker = await local.LocalRanker.open(settings, engine_name, quiet=args.quiet)
+        service, _ = await local.open_service(
+            settings, engine_name, normalize=args.normalize, quiet=args.quiet
+        )
         try:
             started = time.perf_counter()
-            results = await ranker.rank(
-                query,
-                documents,
-                instruction=instruction,
-                top_k=top_k,
-                normalize=args.normalize,
-                return_documents=not args.no_documents,
-            )
+            outcome = await service.rerank(request)
             local.info(
                 args.quiet,
                 f"scored {len(documents)} documents in {time.perf_counter() - started:.2f} s",
             )
-            return results
         finally:
-            await ranker.close()
+            await service.engine.close()
+        return local.results(
+            outcome, documents, normalize=args.normalize, return_documents=not args.no_documents
+        )
 
     local.write_json(local.run(go()), None)
     return 0

@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.model_store import resolve_model, verify_model_dir
+    from engines.model_store import verify_model_dir
     from gateway.app import create_app
+    from gateway.compose import resolve_model
     from gateway.config import get_settings
     from gateway.http_server import serve_app
 
