@@ -40,6 +40,12 @@ FP32_GRAPH = "model.onnx"
 FP32_DATA = "model.onnx.data"
 INT8_GRAPH = "model.int8.onnx"
 INT8_DATA = "model.int8.onnx.data"
+# The chunked-prefill graph (see `_chunk_module`): long prompts run through it a chunk at a time.
+CHUNK_GRAPH = "model.chunk.onnx"
+CHUNK_DATA = "model.chunk.onnx.data"
+CHUNK_INPUTS = ["input_ids", "attention_mask", "past_kv"]
+CHUNK_OUTPUTS = ["score", "chunk_kv"]
+KV_LAYOUT = "[batch, tokens, layers, 2 (key, value), kv_heads, head_dim], keys after rotary"
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -130,13 +136,16 @@ def fetch_source(
             allow_patterns=HUB_PATTERNS,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        first_line = next(iter(str(exc).splitlines()), "")
+        # One short line (the hub's own message runs to ~500 characters), saying what to do.
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            why, todo = f"HTTP {status}", "check the id and revision, or set HF_TOKEN for a gated model"
+        else:
+            why = "unreachable" if isinstance(exc, LocalEntryNotFoundError) else type(exc).__name__
+            todo = "copy a model folder here and set RERANK_MODEL_PATH to it"
+        at = f" at revision {revision!r}" if revision else ""
         raise ModelPreparationError(
-            f"could not download {source!r}"
-            + (f" at revision {revision!r}" if revision else "")
-            + f" from the Hugging Face hub ({type(exc).__name__}: {first_line}); "
-            "without hub access, copy the model folder (a Hugging Face folder or one prepared by "
-            "`rerank-gateway export`) to this machine and set RERANK_MODEL_PATH to it"
+            f"could not download {source!r}{at} from the hub ({why}): {todo}"
         ) from exc
     path = Path(path)
     # The snapshot folder is named after the commit it resolved to.
@@ -211,6 +220,102 @@ def _score_module(model, yes_id: int, no_id: int):
     return ScoreHead().eval()
 
 
+def _attend(layer, hidden, past_k, past_v, cos, sin, mask, last_only: bool):
+    """One Qwen2 decoder layer over a chunk whose keys and values extend `past_k`, `past_v`.
+
+    The same operations as Qwen2DecoderLayer with eager attention. Returns the layer's output (only the
+    chunk's last row when `last_only`: the other rows of the last layer never reach the score) and the
+    chunk's own keys (after rotary) and values, [batch, kv_heads, chunk, head_dim].
+    """
+    import torch
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, chunk, _ = x.shape
+    k = attn.k_proj(x).view(batch, chunk, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, chunk, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    k = k * cos + rotate_half(k) * sin
+    if last_only:
+        x, hidden, cos, sin, mask = x[:, -1:], hidden[:, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
+    rows = x.shape[1]
+    q = attn.q_proj(x).view(batch, rows, -1, attn.head_dim).transpose(1, 2)
+    # Scaling q (rows x head_dim) instead of the scores (rows x keys) keeps one fewer score-sized tensor.
+    q = (q * cos + rotate_half(q) * sin) * attn.scaling
+    keys = repeat_kv(torch.cat([past_k, k], dim=2), attn.num_key_value_groups)
+    values = repeat_kv(torch.cat([past_v, v], dim=2), attn.num_key_value_groups)
+    weights = torch.matmul(q, keys.transpose(2, 3)) + mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    context = torch.matmul(weights, values).transpose(1, 2).reshape(batch, rows, -1)
+    h = hidden + attn.o_proj(context)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v
+
+
+def _chunk_module(model, yes_id: int, no_id: int):
+    """Wrap a Qwen2ForCausalLM as one step of chunked prefill: a chunk of tokens after cached keys/values.
+
+    Inputs: `input_ids`, `attention_mask` [batch, chunk] (left padded; a padded batch has no past) and
+    `past_kv` (KV_LAYOUT, `past` tokens, possibly 0). Outputs: `score` [batch], the raw score at the chunk's
+    last position (the same formula as model.onnx), and `chunk_kv`, the chunk's own keys and values
+    (KV_LAYOUT). Positions continue after the past; every past key is visible, the chunk is causal. Only
+    the chunk's keys and values come out, not past + chunk: the caller appends them to one preallocated
+    buffer whose prefix is the next `past_kv`, so no step copies the whole cache.
+    """
+    import torch
+
+    class ChunkScoreHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model.model
+            weight = model.lm_head.weight.detach()
+            self.register_buffer(SCORE_DIRECTION, (weight[yes_id] - weight[no_id]).clone().contiguous())
+            bias = getattr(model.lm_head, "bias", None)
+            self.bias_diff = None if bias is None else float(bias[yes_id] - bias[no_id])
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_kv: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            # [batch, past] of ones, taken from past_kv itself so that a past of 0 tokens traces cleanly.
+            past_keep = torch.ones_like(past_kv[:, :, 0, 0, 0, 0], dtype=attention_mask.dtype)
+            past_len = past_keep.sum(-1, keepdim=True)
+            position_ids = past_len + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            keep = attention_mask[:, :, None].to(self.body.embed_tokens.weight.dtype)
+            hidden = self.body.embed_tokens(input_ids) * keep
+            cos, sin = self.body.rotary_emb(hidden, position_ids)
+            key_keep = torch.cat([past_keep, attention_mask], dim=1)
+            rows = torch.arange(input_ids.shape[1], device=input_ids.device)
+            cols = torch.arange(key_keep.shape[1], device=input_ids.device)
+            # Query row i sits at position past + i: it sees every key up to there.
+            causal = cols[None, None, :] <= rows[None, :, None] + past_len[:, :, None]
+            allowed = (causal & key_keep[:, None, :].bool())[:, None, :, :]
+            mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~allowed, torch.finfo(hidden.dtype).min
+            )
+            new_kv = []
+            last = len(self.body.layers) - 1
+            for i, layer in enumerate(self.body.layers):
+                past_k = past_kv[:, :, i, 0].transpose(1, 2)
+                past_v = past_kv[:, :, i, 1].transpose(1, 2)
+                out, k, v = _attend(layer, hidden, past_k, past_v, cos, sin, mask, last_only=i == last)
+                hidden = out if i == last else out * keep
+                new_kv.append(torch.stack([k.transpose(1, 2), v.transpose(1, 2)], dim=2))
+            score = self.body.norm(hidden[:, -1, :]) @ getattr(self, SCORE_DIRECTION)
+            if self.bias_diff is not None:
+                score = score + self.bias_diff
+            return score, torch.stack(new_kv, dim=2)
+
+    return ChunkScoreHead().eval()
+
+
+def kv_shape(config: dict) -> tuple[int, int, int, int]:
+    """(layers, 2, kv_heads, head_dim) of one token's cached keys and values."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    return int(config["num_hidden_layers"]), 2, int(config.get("num_key_value_heads") or heads), head_dim
+
+
 def _load_torch_model(hf_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -259,6 +364,76 @@ def _torch_export(module, path: Path, opset: int, say: Callable[[str], None]) ->
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
         torch.onnx.export(module, (ids, mask), str(path), dynamic_shapes=shapes, dynamo=True, **kwargs)
+
+
+def _torch_export_chunk(module, kv: tuple[int, ...], path: Path, opset: int) -> None:
+    """Export the chunk graph (TorchScript exporter; traced with a past, a padded row and a batch of 2)."""
+    import torch
+
+    ids = torch.full((2, 6), 100, dtype=torch.long)
+    ids[:, 2:] = torch.arange(200, 204)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    past = torch.randn(2, 3, *kv) * 0.1
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (ids, mask, past),
+            str(path),
+            input_names=CHUNK_INPUTS,
+            output_names=CHUNK_OUTPUTS,
+            opset_version=opset,
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "chunk"},
+                "attention_mask": {0: "batch", 1: "chunk"},
+                "past_kv": {0: "batch", 1: "past"},
+                "score": {0: "batch"},
+                "chunk_kv": {0: "batch", 1: "chunk"},
+            },
+            dynamo=False,
+        )
+
+
+def _save_chunk_graph(tmp_graph: Path, out_dir: Path, fp32_files: list[str]) -> tuple[list[str], int]:
+    """Save the chunk graph; where the fp32 graph keeps its weights in an external file, point every
+    identical weight at the same bytes of that file instead of writing them again.
+
+    Returns the chunk graph's files and the number of weight bytes it shares with the fp32 graph.
+    """
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(tmp_graph), load_external_data=True)
+    if len(fp32_files) < 2:
+        return _write(model, out_dir / CHUNK_GRAPH, CHUNK_DATA), 0
+    data_path = out_dir / fp32_files[1]
+    fp32 = onnx.load(str(out_dir / fp32_files[0]), load_external_data=False)
+    where: dict[tuple[str, bytes], tuple[int, int]] = {}
+    with open(data_path, "rb") as fh:
+        for t in fp32.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            fh.seek(offset)
+            where[(str(t.data_type), hashlib.sha256(fh.read(length)).digest())] = (offset, length)
+    shared = 0
+    for t in model.graph.initializer:
+        if not t.raw_data:
+            continue
+        hit = where.get((str(t.data_type), hashlib.sha256(t.raw_data).digest()))
+        if hit is None:
+            continue
+        shared += len(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for key, value in (("location", data_path.name), ("offset", str(hit[0])), ("length", str(hit[1]))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    files = _write(model, out_dir / CHUNK_GRAPH, CHUNK_DATA)
+    return [*files, data_path.name], shared
 
 
 def _write(model, out_graph: Path, data_name: str) -> list[str]:
@@ -371,6 +546,47 @@ def _onnx_scores(graph: Path, prompts, pad_id: int) -> list[float]:
     return [float(s) for s in scores]
 
 
+# Verification runs the sample prompts through the chunk graph in chunks this small, so that most of them
+# take several chunks.
+VERIFY_CHUNK_TOKENS = 32
+
+
+def _verify_chunk_graph(
+    out_dir: Path,
+    files: list[str],
+    prompts,
+    reference: Sequence[float],
+    one_shot: Sequence[float],
+    pad_id: int,
+) -> dict:
+    """The chunk graph against torch (one padded batch, no past) and chunked against the one-shot graph."""
+    import onnxruntime as ort
+
+    from engines.onnx_engine import empty_past, score_chunked
+
+    session = ort.InferenceSession(str(out_dir / files[0]), providers=["CPUExecutionProvider"])
+    if [o.name for o in session.get_outputs()] != CHUNK_OUTPUTS:
+        raise ModelPreparationError(f"the chunk graph's outputs are not {CHUNK_OUTPUTS}")
+    ids, mask = left_pad([p.input_ids for p in prompts], pad_id)
+    batched, _ = session.run(
+        CHUNK_OUTPUTS, {"input_ids": ids, "attention_mask": mask, "past_kv": empty_past(session, len(ids))}
+    )
+    vs_torch = max(abs(float(a) - b) for a, b in zip(batched, reference, strict=True))
+    chunked = [score_chunked(session, p.input_ids, VERIFY_CHUNK_TOKENS) for p in prompts]
+    vs_one_shot = max(abs(a - b) for a, b in zip(chunked, one_shot, strict=True))
+    vs_torch = max(vs_torch, *(abs(a - b) for a, b in zip(chunked, reference, strict=True)))
+    if vs_torch > FP32_VERIFY_TOLERANCE:
+        raise ModelPreparationError(
+            f"the exported chunk graph differs from torch by {vs_torch:.3g} (> {FP32_VERIFY_TOLERANCE}); "
+            "the export is broken, please report it"
+        )
+    return {
+        "max_abs_diff_vs_torch": vs_torch,
+        "verify_chunk_tokens": VERIFY_CHUNK_TOKENS,
+        "chunked_max_abs_diff_vs_one_shot": vs_one_shot,
+    }
+
+
 def _pad_id(hf_dir: Path, builder: PromptBuilder) -> int:
     cfg_path = hf_dir / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -481,6 +697,14 @@ def _export(
         _torch_export(_score_module(model, builder.yes_id, builder.no_id), tmp_graph, opset, step)
         step("saving the fp32 graph")
         graphs["fp32"] = _save_graph(tmp_graph, out_dir / FP32_GRAPH, FP32_DATA)
+        step("exporting the chunked-prefill graph (long prompts)")
+        tmp_chunk = Path(tmp) / "chunk" / CHUNK_GRAPH
+        tmp_chunk.parent.mkdir()
+        _torch_export_chunk(
+            _chunk_module(model, builder.yes_id, builder.no_id), kv_shape(config), tmp_chunk, opset
+        )
+        step("saving the chunk graph")
+        chunk_files, chunk_shared_bytes = _save_chunk_graph(tmp_chunk, out_dir, graphs["fp32"])
     _check_graph(out_dir / FP32_GRAPH)
 
     prompts = sample_prompts(builder, verify_samples)
@@ -509,6 +733,14 @@ def _export(
             f"the exported fp32 graph differs from torch by {fp32_diff:.3g} (> {FP32_VERIFY_TOLERANCE}); "
             "the export is broken, please report it"
         )
+    chunk = _verify_chunk_graph(out_dir, chunk_files, prompts, reference, fp32, pad_id)
+    print(
+        f"verify chunk: max |chunk - torch| = {chunk['max_abs_diff_vs_torch']:.3g} (one left-padded batch), "
+        f"chunked by {chunk['verify_chunk_tokens']} tokens: max |chunked - one-shot fp32| = "
+        f"{chunk['chunked_max_abs_diff_vs_one_shot']:.3g}; weights shared with the fp32 graph: "
+        f"{chunk_shared_bytes / 1e6:.0f} MB",
+        flush=True,
+    )
     int8_fidelity: Fidelity | None = None
     if "int8" in graphs:
         # One prompt per run, as the engine runs int8 (see engines.onnx_engine).
@@ -563,6 +795,16 @@ def _export(
             ),
         },
         "inputs": ["input_ids", "attention_mask"],
+        # Listed apart from `graphs` so that readers of `graphs` (one graph per quantization) are unchanged.
+        "chunk_graphs": {"fp32": chunk_files},
+        "chunk": {
+            "inputs": CHUNK_INPUTS,
+            "outputs": CHUNK_OUTPUTS,
+            "kv_layout": KV_LAYOUT,
+            "kv_shape_per_token": list(kv_shape(config)),
+            "shared_weight_bytes": chunk_shared_bytes,
+            **chunk,
+        },
         "output": "score",
         "opset": opset,
         "yes_id": builder.yes_id,

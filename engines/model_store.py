@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.contract import CONTRACT_VERSION
@@ -55,6 +55,9 @@ class Manifest:
     # quantization name -> what export recorded of it: scheme, measured fidelity, the bound it passed.
     precision: dict[str, dict]
     raw: dict
+    # quantization name -> the chunked-prefill graph (long prompts) and its data files; absent in folders
+    # exported before it existed, which are served one-shot.
+    chunk_graphs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def graph_file(self, quantization: str) -> str:
         """The .onnx file of one quantization (external data files sit next to it)."""
@@ -110,6 +113,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
             max_position_embeddings=int(raw["max_position_embeddings"]),
             precision={str(k): dict(v) for k, v in raw.get("precision", {}).items()},
             raw=raw,
+            chunk_graphs={q: tuple(names) for q, names in raw.get("chunk_graphs", {}).items()},
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelPreparationError(
@@ -132,6 +136,7 @@ def verify_model_dir(
         raise ModelPreparationError(f"unknown quantization {quantization!r}: choose fp32 or int8")
     needed = [*manifest.graphs.get(quantization, ()), *REQUIRED_SIDE_FILES]
     manifest.graph_file(quantization)  # raises a clear error when that graph was not exported
+    needed += [n for n in manifest.chunk_graphs.get(quantization, ()) if n not in needed]
     for name in needed:
         entry = manifest.files.get(name)
         path = model_dir / name
@@ -166,4 +171,3 @@ def is_hf_dir(path: Path) -> bool:
     if not (path / "config.json").is_file():
         return False
     return any(any(path.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS)
-

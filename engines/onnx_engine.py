@@ -20,7 +20,14 @@ import onnxruntime as ort
 
 from core.batching import BatchBudget, plan_batches
 from core.contract import Prompt
-from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
+from engines.base import (
+    EngineFailure,
+    EngineInfo,
+    EngineRejected,
+    EngineUnavailable,
+    ModelPreparationError,
+    Scored,
+)
 from engines.model_store import Manifest, verify_model_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,13 @@ DEFAULT_MAX_BATCH_PAIRS = 64
 # on the trained base-v2-shaped model, one 2,000-token prompt took RSS from 1.44 GB to 2.0 GB and left it
 # there; with shrinkage it was back at 1.47 GB. Short runs keep their memory (re-allocating costs time).
 SHRINK_ARENA_AFTER_TOKENS = 1024
+# Prompts longer than this run alone through the chunk graph (model.chunk.onnx), CHUNK_TOKENS at a time,
+# keeping only the keys and values of the tokens before the chunk: attention then takes heads x chunk x
+# (past + chunk) floats per layer instead of heads x tokens^2. Folders exported without the chunk graph run
+# them in one piece (quadratic memory).
+LONG_PROMPT_TOKENS = 1024
+CHUNK_TOKENS = 512
+CHUNK_OUTPUTS = ["score", "chunk_kv"]
 # onnxruntime raises its own exception classes (not RuntimeError subclasses) from inference.
 try:
     from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
@@ -58,6 +72,41 @@ except ImportError:  # pragma: no cover - layout of older onnxruntime wheels
     ORT_ERRORS = (RuntimeError, ValueError, MemoryError)
 
 
+def empty_past(session: ort.InferenceSession, batch: int) -> np.ndarray:
+    """A `past_kv` of no tokens for the chunk graph: [batch, 0, layers, 2, kv_heads, head_dim]."""
+    dims = session.get_inputs()[2].shape[2:]
+    return np.zeros((batch, 0, *dims), dtype=np.float32)
+
+
+def score_chunked(
+    session: ort.InferenceSession,
+    input_ids: Sequence[int],
+    chunk_tokens: int,
+    run_options: ort.RunOptions | None = None,
+) -> float:
+    """One prompt's raw score by chunked prefill: the chunk graph over `chunk_tokens` at a time.
+
+    The keys and values go into one buffer sized for the whole prompt; each run reads its prefix (a view,
+    not a copy: the batch axis is 1 and tokens come next) and returns only its chunk's keys and values.
+    `run_options` apply to the last run (where the attention is largest).
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)[None, :]
+    total = ids.shape[1]
+    cache = np.empty((1, total, *session.get_inputs()[2].shape[2:]), dtype=np.float32)
+    score = None
+    for start in range(0, total, chunk_tokens):
+        end = min(total, start + chunk_tokens)
+        chunk = ids[:, start:end]
+        feeds = {"input_ids": chunk, "attention_mask": np.ones_like(chunk), "past_kv": cache[:, :start]}
+        last = end == total
+        if last:
+            (score,) = session.run(["score"], feeds, run_options)
+        else:
+            (cache[:, start:end],) = session.run(["chunk_kv"], feeds)
+    assert score is not None
+    return float(score[0])
+
+
 class OnnxEngine:
     """Scores prompts with an exported two-logit ONNX graph on onnxruntime's CPU provider."""
 
@@ -72,9 +121,17 @@ class OnnxEngine:
         max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
         verify_hashes: bool = True,
         warmup: bool = True,
+        long_prompt_tokens: int | None = LONG_PROMPT_TOKENS,
+        chunk_tokens: int = CHUNK_TOKENS,
     ) -> None:
         if max_batch_tokens < 1 or max_batch_pairs < 1:
             raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be at least 1")
+        # None: never chunk, serve model.onnx as exported before the chunk graph existed.
+        self.long_prompt_tokens = long_prompt_tokens
+        self.chunk_tokens = chunk_tokens
+        self._chunked = False
         self.model_dir = Path(model_dir)
         self.quantization = quantization
         self.intra_op_threads = intra_op_threads
@@ -108,6 +165,11 @@ class OnnxEngine:
     def manifest(self) -> Manifest | None:
         return self._manifest
 
+    @property
+    def chunked(self) -> bool:
+        """True when the engine serves the chunk graph (long prompts by chunked prefill)."""
+        return self._chunked
+
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-engine")
@@ -119,6 +181,11 @@ class OnnxEngine:
                 return
             manifest = verify_model_dir(self.model_dir, self.quantization, self.verify_hashes)
             graph = self.model_dir / manifest.graph_file(self.quantization)
+            # The chunk graph scores short batches too (no past), so one session holds the weights once.
+            chunk_files = manifest.chunk_graphs.get(self.quantization)
+            chunked = bool(chunk_files) and self.long_prompt_tokens is not None
+            if chunked:
+                graph = self.model_dir / chunk_files[0]
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = self.intra_op_threads
@@ -129,10 +196,12 @@ class OnnxEngine:
             except ORT_ERRORS as exc:
                 raise ModelPreparationError(f"onnxruntime cannot load {graph}: {exc}") from exc
             names = [o.name for o in session.get_outputs()]
-            if names != ["score"]:
+            expected = CHUNK_OUTPUTS if chunked else ["score"]
+            if names != expected:
                 raise ModelPreparationError(
-                    f"{graph} outputs {names}, expected ['score']; re-export the model"
+                    f"{graph} outputs {names}, expected {expected}; re-export the model"
                 )
+            self._chunked = chunked
             self._manifest = manifest
             self._session = session
             if self.warmup:
@@ -162,8 +231,11 @@ class OnnxEngine:
         if ids.size > SHRINK_ARENA_AFTER_TOKENS:
             run_options = ort.RunOptions()
             run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self._chunked:
+            feeds["past_kv"] = empty_past(session, len(rows))
         try:
-            (scores,) = session.run(["score"], {"input_ids": ids, "attention_mask": mask}, run_options)
+            (scores,) = session.run(["score"], feeds, run_options)
         except ORT_ERRORS as exc:
             raise EngineFailure(
                 f"onnxruntime failed on a batch of {len(rows)}x{width} tokens: {exc}"
@@ -171,6 +243,21 @@ class OnnxEngine:
         if scores.shape != (len(rows),):
             raise EngineFailure(f"the graph returned shape {scores.shape} for {len(rows)} prompts")
         return scores
+
+    def _run_chunked(self, input_ids: Sequence[int]) -> float:
+        """One long prompt by chunked prefill; the arena is handed back after its last chunk."""
+        session = self._session
+        if session is None:
+            raise EngineUnavailable("the onnx engine is not started (or was closed)")
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        try:
+            return score_chunked(session, input_ids, self.chunk_tokens, run_options)
+        except ORT_ERRORS as exc:
+            raise EngineFailure(
+                f"onnxruntime failed on a {len(input_ids)}-token prompt "
+                f"in chunks of {self.chunk_tokens}: {exc}"
+            ) from exc
 
     def score_sync(self, prompts: Sequence[Prompt]) -> list[float]:
         """Raw scores in input order (blocking; `score` runs this on the engine's thread)."""
@@ -180,8 +267,18 @@ class OnnxEngine:
             raise EngineFailure("a prompt has no tokens")
         out = [math.nan] * len(prompts)
         lengths = [len(p) for p in prompts]
+        manifest = self._manifest
+        if manifest is not None and max(lengths) > manifest.max_position_embeddings:
+            raise EngineRejected(
+                f"a prompt of {max(lengths)} tokens is longer than the model's "
+                f"{manifest.max_position_embeddings} positions"
+            )
         budget = BatchBudget(self._info.max_batch_tokens, self.rows_per_run, padded=True)
-        for batch in plan_batches(lengths, budget):
+        alone_over = self.long_prompt_tokens if self._chunked else None
+        for batch in plan_batches(lengths, budget, alone_over=alone_over):
+            if alone_over is not None and lengths[batch[0]] > alone_over:
+                out[batch[0]] = self._run_chunked(prompts[batch[0]].input_ids)
+                continue
             scores = self._run([prompts[i].input_ids for i in batch])
             for i, s in zip(batch, scores.tolist(), strict=True):
                 out[i] = s
