@@ -7,6 +7,7 @@ gateway/static/ at build time, which wins when present), so the docs render on a
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.dialects import Dialect
 
 STATIC_URL = "/static/docs"
 ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js")
@@ -71,15 +73,21 @@ def install_docs(app: FastAPI) -> None:
         )
 
 
-def json_body(models: list[type[BaseModel]], description: str) -> dict[str, Any]:
-    """`openapi_extra` for a route that reads its JSON body itself: anyOf the given models."""
+def json_body(dialects: Sequence[Dialect], description: str) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body itself: anyOf the dialects' requests, with one
+    example per dialect (from the registry)."""
+    models = list(dict.fromkeys(d.request_model for d in dialects))
+    schema: dict[str, Any] = {"anyOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models]}
+    if len(models) == 1:
+        schema = schema["anyOf"][0]
     return {
         "requestBody": {
             "required": True,
             "description": description,
             "content": {
                 "application/json": {
-                    "schema": {"anyOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models]}
+                    "schema": schema,
+                    "examples": {d.name: {"summary": d.title, "value": d.example} for d in dialects},
                 }
             },
         }
@@ -125,13 +133,22 @@ def install_openapi(
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-# Request schemas of the query + documents dialects (Cohere v1/v2, Jina) and of TEI.
+# Request schemas of the query + documents dialects (Cohere v1/v2, Jina; Mixedbread names them `input`).
 DOCUMENTS_DIALECTS = ("CohereV1Request", "CohereV2Request", "JinaRequest")
-TEI_DIALECT = "TeiRequest"
+MIXEDBREAD_DIALECT = "MixedbreadRequest"
+# Request schemas whose documents are strings only.
+STRING_DIALECTS = {"TeiRequest": "texts", "InfinityRequest": "documents"}
+SCORE_DIALECT = "ScoreRequest"
 # What the server refuses although no JSON Schema can say it, because it depends on other values of the
-# body: a document object that has none of the `rank_fields` (400 `missing_rank_field`).
+# body; each with its error code.
 CROSS_FIELD_RULES = (
-    "A document object must hold at least one of `rank_fields` (else 400 `missing_rank_field`)."
+    "A document object must hold at least one of `rank_fields` (else 400 `missing_rank_field`); documents "
+    "x max_chunks_per_doc (capped at RERANK_MAX_CHUNKS_PER_DOC_LIMIT) must stay under 10,000 (else 400 "
+    "`too_many_chunks`)."
+)
+SCORE_RULES = (
+    "`text_1` is one query: a string, a list of one, or one query repeated for each `text_2` item (else 400 "
+    "`several_queries`)."
 )
 
 
@@ -148,8 +165,8 @@ def describe_request_limits(schemas: dict[str, Any], settings: Settings) -> None
 
     The limits come from the settings (RERANK_MAX_*); the rest is what the handler checks beyond pydantic:
     without `rank_fields` a document object needs a string `text`; `rank_fields` names at least one field;
-    a body with `texts` is TEI, so the other dialects cannot carry it; `return_raw_scores` is the alias of
-    `raw_scores`.
+    a body with `texts` is TEI, so the other dialects of the same routes cannot carry it;
+    `return_raw_scores` is the alias of `raw_scores`.
     """
     doc_chars = settings.max_document_chars
     string_doc = {"type": "string", "maxLength": doc_chars}
@@ -160,28 +177,54 @@ def describe_request_limits(schemas: dict[str, Any], settings: Settings) -> None
         "properties": {"text": {"type": "string", "maxLength": doc_chars}},
         "additionalProperties": True,
     }
+
+    def documents(schema: dict[str, Any], field: str) -> None:
+        props = schema["properties"]
+        props["query"]["maxLength"] = settings.max_query_chars
+        props[field]["maxItems"] = settings.max_documents_per_request
+        props[field]["minItems"] = 1
+        props[field]["items"] = {"anyOf": [string_doc, object_doc]}
+        _nullable(props["rank_fields"])["minItems"] = 1
+        # Without rank_fields (absent or null) the `text` field is ranked: objects must have it.
+        schema["if"] = {"required": ["rank_fields"], "properties": {"rank_fields": {"type": "array"}}}
+        schema["else"] = {"properties": {field: {"items": {"anyOf": [string_doc, text_doc]}}}}
+        schema["description"] = f"{schema.get('description', '')} {CROSS_FIELD_RULES}".strip()
+
     for name in DOCUMENTS_DIALECTS:
+        schema = schemas.get(name)
+        if schema is None:
+            continue
+        documents(schema, "documents")
+        schema["properties"]["return_raw_scores"] = {
+            "type": "boolean",
+            "description": "Same as `raw_scores` (vLLM's name); when both are sent, `raw_scores` wins.",
+        }
+        schema["not"] = {"required": ["texts"]}
+    if MIXEDBREAD_DIALECT in schemas:
+        documents(schemas[MIXEDBREAD_DIALECT], "input")
+    for name, field in STRING_DIALECTS.items():
         schema = schemas.get(name)
         if schema is None:
             continue
         props = schema["properties"]
         props["query"]["maxLength"] = settings.max_query_chars
-        props["documents"]["maxItems"] = settings.max_documents_per_request
-        props["documents"]["items"] = {"anyOf": [string_doc, object_doc]}
-        _nullable(props["rank_fields"])["minItems"] = 1
-        _nullable(props["max_chunks_per_doc"])["maximum"] = settings.max_chunks_per_doc_limit
-        props["return_raw_scores"] = {
-            "type": "boolean",
-            "description": "Same as `raw_scores` (vLLM's name); when both are sent, `raw_scores` wins.",
-        }
-        schema["not"] = {"required": ["texts"]}
-        # Without rank_fields (absent or null) the `text` field is ranked: objects must have it.
-        schema["if"] = {"required": ["rank_fields"], "properties": {"rank_fields": {"type": "array"}}}
-        schema["else"] = {"properties": {"documents": {"items": {"anyOf": [string_doc, text_doc]}}}}
-        schema["description"] = f"{schema.get('description', '')} {CROSS_FIELD_RULES}".strip()
-    tei = schemas.get(TEI_DIALECT)
-    if tei is not None:
-        props = tei["properties"]
-        props["query"]["maxLength"] = settings.max_query_chars
-        props["texts"]["maxItems"] = settings.max_documents_per_request
-        props["texts"]["items"] = string_doc
+        props[field]["maxItems"] = settings.max_documents_per_request
+        props[field]["items"] = string_doc
+    score = schemas.get(SCORE_DIALECT)
+    if score is not None:
+        props = score["properties"]
+        query = {"type": "string", "maxLength": settings.max_query_chars}
+        props["text_1"]["anyOf"] = [
+            query,
+            {"type": "array", "items": query, "minItems": 1, "maxItems": settings.max_documents_per_request},
+        ]
+        props["text_2"]["anyOf"] = [
+            string_doc,
+            {
+                "type": "array",
+                "items": string_doc,
+                "minItems": 1,
+                "maxItems": settings.max_documents_per_request,
+            },
+        ]
+        score["description"] = f"{score.get('description', '')} {SCORE_RULES}".strip()

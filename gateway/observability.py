@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import check_api_key
+from gateway.dialects import NAMES
 from gateway.metrics import REGISTRY, REQUEST_LATENCY, REQUESTS, REQUESTS_IN_FLIGHT
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
     from gateway.config import Settings
 
-DIALECTS = ("cohere-v1", "cohere-v2", "jina", "tei")
+DIALECTS = NAMES  # the registry's names: a fixed label set
 OTHER_DIALECT = "other"
 UNMATCHED_ROUTE = "<unmatched>"
 # nginx's code for "client closed the request": the handler was cancelled before a response started.

@@ -1,5 +1,5 @@
 """The error table through real HTTP: every bad input is a 4xx `{"error": {message, type, param, code}}`
-whose message names the field, on a real `rerank-gateway serve` with API keys and small limits."""
+whose message names the field (TEI: TEI's own shape), on a real `rerank-gateway serve` with small limits."""
 
 from __future__ import annotations
 
@@ -48,19 +48,37 @@ def client(url: str) -> Iterator[httpx.Client]:
 def assert_error(
     response: httpx.Response, status: int, error_type: str, param: str | None, *needles: str
 ) -> dict:
-    """The response is `status` with the error body naming `param`, and its message says each needle."""
+    """The response is `status` with the error body naming `param`, and its message says each needle.
+
+    Jina-dialect bodies carry the message again as a top-level `detail`; TEI-dialect bodies are TEI's own
+    `{"error": "<message>", "error_type": ...}` (no `param`), checked by `assert_tei_error`.
+    """
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"}
+    assert set(body) <= {"error", "detail"}
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == error_type
     assert error["param"] == param
     assert isinstance(error["code"], str)
+    if "detail" in body:
+        assert body["detail"] == error["message"]
     for needle in needles:
         assert needle in error["message"], error["message"]
     assert response.headers["x-request-id"]
     return error
+
+
+def assert_tei_error(response: httpx.Response, status: int, tei_type: str, *needles: str) -> str:
+    """A TEI-dialect error: TEI's shape and class, and a message that says each needle."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "error_type"}
+    assert body["error_type"] == tei_type
+    for needle in needles:
+        assert needle in body["error"], body["error"]
+    assert response.headers["x-request-id"]
+    return body["error"]
 
 
 def with_(**changes: object) -> dict:
@@ -81,7 +99,6 @@ BAD_BODIES = [
         ["`documents`", "required"],
     ),
     ("/rerank", with_(documents=[]), 400, "invalid_request_error", "documents", ["`documents`", "empty"]),
-    ("/rerank", {"query": "q", "texts": []}, 400, "invalid_request_error", "texts", ["`texts`", "empty"]),
     ("/v2/rerank", with_(top_n=0), 400, "invalid_request_error", "top_n", ["`top_n`", ">= 1"]),
     ("/v2/rerank", with_(top_n=-3), 400, "invalid_request_error", "top_n", ["`top_n`", ">= 1"]),
     ("/v2/rerank", with_(top_n="three"), 400, "invalid_request_error", "top_n", ["`top_n`", "integer"]),
@@ -106,25 +123,8 @@ BAD_BODIES = [
         ["rank_fields", "title"],
     ),
     ("/v1/rerank", with_(rank_fields=[]), 400, "invalid_request_error", "rank_fields", ["`rank_fields`"]),
-    ("/rerank", {"query": "q", "texts": ["a", 3]}, 400, "invalid_request_error", "texts[1]", ["`texts[1]`"]),
     ("/rerank", with_(return_documents="maybe"), 400, "invalid_request_error", "return_documents", ["true"]),
-    (
-        "/rerank",
-        {"query": "q", "texts": ["a"], "truncation_direction": "up"},
-        400,
-        "invalid_request_error",
-        "truncation_direction",
-        ["`truncation_direction`", "left"],
-    ),
     ("/rerank", with_(max_tokens_per_doc=0), 400, "invalid_request_error", "max_tokens_per_doc", [">= 1"]),
-    (
-        "/v1/rerank",
-        with_(max_chunks_per_doc=MAX_CHUNKS + 1),
-        400,
-        "invalid_request_error",
-        "max_chunks_per_doc",
-        ["`max_chunks_per_doc`", str(MAX_CHUNKS), "RERANK_MAX_CHUNKS_PER_DOC_LIMIT"],
-    ),
     (
         "/rerank",
         with_(documents=["d"] * (MAX_DOCS + 1)),
@@ -140,14 +140,6 @@ BAD_BODIES = [
         "payload_too_large",
         "documents[1]",
         ["`documents[1]`", str(MAX_DOC_CHARS), "RERANK_MAX_DOCUMENT_CHARS"],
-    ),
-    (
-        "/rerank",
-        {"query": "q", "texts": ["x" * (MAX_DOC_CHARS + 1)]},
-        413,
-        "payload_too_large",
-        "texts[0]",
-        ["`texts[0]`"],
     ),
     (
         "/rerank",
@@ -168,6 +160,44 @@ BAD_BODIES = [
 )
 def test_bad_body_gets_a_4xx_that_names_the_field(client, path, body, status, error_type, param, needles):
     assert_error(client.post(path, json=body, headers=AUTH), status, error_type, param, *needles)
+
+
+# TEI bodies (`texts`): TEI's error shape and class (TEI's table: Empty for no inputs, else Validation).
+TEI_BAD_BODIES = [
+    ({"query": "q", "texts": []}, 400, "Empty", ["`texts`", "empty"]),
+    ({"query": "q", "texts": ["a", 3]}, 400, "Validation", ["`texts[1]`"]),
+    (
+        {"query": "q", "texts": ["a"], "truncation_direction": "up"},
+        400,
+        "Validation",
+        ["`truncation_direction`"],
+    ),
+    ({"query": "q", "texts": ["x" * (MAX_DOC_CHARS + 1)]}, 413, "Validation", ["`texts[0]`"]),
+    ({"query": "q", "texts": ["a"], "top_n": 0}, 400, "Validation", ["`top_n`", ">= 1"]),
+    ({"query": "q", "texts": ["a"], "model": "gpt-4"}, 404, "Validation", ["'gpt-4'"]),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "tei_type", "needles"), TEI_BAD_BODIES)
+def test_tei_errors_come_in_teis_own_shape(client, body, status, tei_type, needles):
+    assert_tei_error(client.post("/rerank", json=body, headers=AUTH), status, tei_type, *needles)
+
+
+def test_jina_errors_carry_a_top_level_detail(client):
+    response = client.post("/rerank", json=with_(top_n=0), headers=AUTH)
+    error = assert_error(response, 400, "invalid_request_error", "top_n", "`top_n`")
+    assert response.json()["detail"] == error["message"]
+
+
+def test_cohere_errors_have_no_detail(client):
+    response = client.post("/v2/rerank", json=with_(top_n=0), headers=AUTH)
+    assert set(response.json()) == {"error"}
+
+
+def test_max_chunks_per_doc_over_the_limit_is_capped_not_refused(client):
+    response = client.post("/v1/rerank", json=with_(max_chunks_per_doc=1024), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,20 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error of the gateway, whatever the dialect."""
+    """The gateway's error body (Cohere dialects and every route outside the rerank dialects)."""
 
     error: ErrorDetail
+
+
+class DetailErrorResponse(ErrorResponse):
+    """The error body of the Jina / vLLM, Infinity and Mixedbread dialects: `error` plus `detail`."""
+
+    # Optional in the schema only: errors raised before a route runs (401, admission) have no `detail`.
+    detail: str | None = Field(
+        None,
+        description="The message again, at the top level: the Jina integrations of LangChain, llama-index "
+        "and Haystack raise `resp['detail']`.",
+    )
 
 
 # --- request fields shared by the query + documents dialects -------------------------------------------
@@ -47,6 +58,9 @@ def _whole_number(value: Any) -> Any:
 # A count as the spec says it: an integer >= 1 (3 and 3.0, never true or "3"). The bound sits inside the
 # annotation: outside it, pydantic cannot put `minimum` into the JSON Schema through the before-validator.
 Count = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+# `top_n` / `top_k`: an integer whose bound (>= 1) the spec states and gateway.dialects.check_query enforces,
+# the one place every dialect's count of results is checked.
+TopN = Annotated[int, BeforeValidator(_whole_number), Field(json_schema_extra={"minimum": 1})]
 # Request models validate strictly: what the OpenAPI spec calls an integer or a boolean must be one.
 STRICT_REQUEST = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
@@ -81,7 +95,7 @@ class RerankOptions(BaseModel):
     )
     query: str = Field(description="The search query.")
     documents: list[Any] = Field(json_schema_extra=DOCUMENTS_SCHEMA)
-    top_n: Count | None = Field(
+    top_n: TopN | None = Field(
         None, description="Return only the `top_n` best documents (default: all of them)."
     )
     rank_fields: list[str] | None = Field(
@@ -99,8 +113,20 @@ class RerankOptions(BaseModel):
         description=(
             "Split long documents into chunks of the server's chunk size (RERANK_CHUNK_TOKENS tokens), "
             "score at most this many chunks per document, and give each document its best chunk's score. "
-            "Without it, a document is scored whole (cut at the model's length limit)."
+            "Without it, a document is scored whole (cut at the model's length limit). A maximum, as "
+            "Cohere documents it: values over RERANK_MAX_CHUNKS_PER_DOC_LIMIT are capped to it, and only "
+            "documents x chunks >= 10,000 is refused (400 `too_many_chunks`)."
         ),
+    )
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = Field(
+        None,
+        description=(
+            "vLLM: -1 or absent, documents are cut to fit the model; a positive k cuts each prompt to at "
+            "most k tokens by removing document tokens (the template is never cut)."
+        ),
+    )
+    max_tokens_per_query: Count | None = Field(
+        None, description="vLLM: cut the query to this many tokens before scoring."
     )
     instruction: str | None = Field(
         None, description="mxbai extra: an instruction put before the query in every prompt."
@@ -133,11 +159,10 @@ def _field_text(value: Any) -> str:
 def parse_documents(
     documents: Sequence[Any], rank_fields: Sequence[str] | None, *, param: str = "documents"
 ) -> ParsedDocuments:
-    """Texts to rank from strings or objects; every bad item is a 400 naming `documents[i]`."""
-    if not documents:
-        raise InvalidRequest(
-            f"`{param}` is empty: send at least one document to rank", param=param, code="empty_documents"
-        )
+    """Texts to rank from strings or objects; every bad item is a 400 naming `documents[i]`.
+
+    An empty list parses to no texts: gateway.dialects.check_query refuses it, for every dialect.
+    """
     if rank_fields is not None and not rank_fields:
         raise InvalidRequest(
             "`rank_fields` is empty: name at least one field, or leave it out to rank the `text` field",
@@ -219,6 +244,13 @@ def options_to_query(req: RerankOptions) -> tuple[RerankQuery, ParsedDocuments]:
             max_tokens_per_doc=req.max_tokens_per_doc,
             max_chunks_per_doc=req.max_chunks_per_doc,
             raw_scores=req.raw_scores,
+            max_prompt_tokens=positive(req.truncate_prompt_tokens),
+            max_query_tokens=req.max_tokens_per_query,
         ),
         docs,
     )
+
+
+def positive(value: int | None) -> int | None:
+    """vLLM's `truncate_prompt_tokens`: a positive cap, or None for -1 / absent (fit the model)."""
+    return value if value is not None and value > 0 else None

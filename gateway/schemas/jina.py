@@ -1,9 +1,11 @@
 """The Jina / vLLM rerank dialect (`/rerank`, and `/v1/rerank` for non-Cohere clients).
 
 Jina's API and vLLM's `RerankRequest` take `model`, `query`, `documents`, `top_n` (and vLLM adds
-`max_tokens_per_doc`, `instruction`); both answer `{id, model, usage{prompt_tokens, total_tokens},
-results[{index, document{text}, relevance_score}]}`. Jina returns documents unless
-`return_documents: false`; vLLM always does, so the default here is to return them.
+`max_tokens_per_doc`, `truncate_prompt_tokens`, `max_tokens_per_query`, `instruction`); both answer `{id,
+model, usage{prompt_tokens, total_tokens}, results[{index, document{text}, relevance_score}]}`. Jina returns
+documents unless `return_documents: false`; vLLM always does, so the default here is to return them. The
+body also carries Cohere's `meta` (api_version, billed_units): `/v1/rerank` answers this shape to Cohere
+clients that send no SDK headers (LiteLLM's `cohere/` and `azure_ai`), and they read `meta`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gateway.schemas.cohere import ApiVersion, BilledUnits, CohereMeta, search_units
 from gateway.schemas.common import ParsedDocuments, RerankOptions, ResultDocument, options_to_query
 from gateway.service import RerankOutcome, RerankQuery
 
@@ -46,6 +49,7 @@ class JinaResponse(BaseModel):
     model: str = Field(description="The served model name.")
     usage: Usage
     results: list[JinaResult] = Field(description="Ranked documents, best first.")
+    meta: CohereMeta = Field(description="Cohere's meta block, for Cohere parsers (api_version 1).")
 
 
 def to_query(req: JinaRequest) -> tuple[RerankQuery, ParsedDocuments]:
@@ -68,5 +72,9 @@ def render(
         model=model,
         usage=Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
         results=results,
+        meta=CohereMeta(
+            api_version=ApiVersion(version="1"),
+            billed_units=BilledUnits(search_units=search_units(outcome.pairs_scored)),
+        ),
     )
     return body.model_dump(mode="json", exclude_unset=True)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, RootModel, field_validator
 
-from gateway.schemas.common import STRICT_REQUEST, Count, ParsedDocuments, parse_documents
+from gateway.schemas.common import STRICT_REQUEST, ParsedDocuments, TopN, parse_documents
 from gateway.service import RerankOutcome, RerankQuery
 
 
@@ -35,7 +35,7 @@ class TeiRequest(BaseModel):
         "right", description="Which end of a text `truncate: true` removes: right keeps the beginning."
     )
     model: str | None = Field(None, description="Optional; when given, the served name or an alias.")
-    top_n: Count | None = Field(None, description="mxbai extra: keep only the best `top_n` texts.")
+    top_n: TopN | None = Field(None, description="mxbai extra: keep only the best `top_n` texts.")
     instruction: str | None = Field(None, description="mxbai extra: instruction put before the query.")
 
     @field_validator("truncation_direction", mode="before")
@@ -83,3 +83,26 @@ def render(req: TeiRequest, outcome: RerankOutcome, docs: ParsedDocuments) -> li
         for r in outcome.ranked
     ]
     return TeiResponse(ranks).model_dump(mode="json", exclude_unset=True)
+
+
+TeiErrorType = Literal["Validation", "Tokenizer", "Overloaded", "Backend", "Unhealthy", "Empty"]
+
+
+class TeiErrorResponse(BaseModel):
+    """TEI's error body (text-embeddings-inference `ErrorResponse`), which Haystack's TEI ranker reads."""
+
+    error: str = Field(description="What is wrong and what to change.")
+    error_type: TeiErrorType = Field(description="TEI's error class.")
+
+
+def error_type_of(status_code: int, code: str | None) -> TeiErrorType:
+    """TEI's class of a gateway error: TEI's own table, by status (empty inputs are `Empty`)."""
+    if code == "empty_documents":
+        return "Empty"
+    if status_code == 429:
+        return "Overloaded"
+    if status_code == 503:
+        return "Unhealthy"
+    if status_code >= 500:
+        return "Backend"
+    return "Validation"
