@@ -136,6 +136,14 @@ class QueryIds:
     instruction: str | None
     ids: tuple[int, ...]
     truncated: bool  # True when the query budget cut it
+    head: int = 0  # leading ids of the template (`instruction: ...`, `query:`), before the query's own
+
+    def first(self, n: int) -> QueryIds:
+        """The template's ids and the first `n` ids of the query's text (a caller's own query cap)."""
+        stop = self.head + n
+        if len(self.ids) <= stop:
+            return self
+        return QueryIds(self.query, self.instruction, self.ids[:stop], True, self.head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,9 +262,15 @@ class PromptBuilder:
 
     def encode_query(self, query: str, instruction: str | None = None) -> QueryIds:
         """The query part's ids, cut to max_length * 3 // 4 (the wrapper's query truncation)."""
-        ids = self._ids(self.query_text(query, instruction))
+        text = self.query_text(query, instruction)
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+        head_chars = len(text) - len(query) - 1  # where `query:` ends
+        head = 0
+        while head < len(ids) and offsets[head][1] <= head_chars:
+            head += 1
         cap = self.max_query_tokens
-        return QueryIds(query, instruction or None, tuple(ids[:cap]), len(ids) > cap)
+        return QueryIds(query, instruction or None, tuple(ids[:cap]), len(ids) > cap, min(head, cap))
 
     def encode_documents(self, documents: Sequence[str]) -> list[DocumentIds]:
         """Each document tokenized as the prompt holds it (`document: {text}`), split into head and body."""
@@ -281,11 +295,22 @@ class PromptBuilder:
         doc_cap = min(self.model_max_length - len(query.ids) - self.fixed_length, self.max_length)
         return doc_cap, self.max_length - len(query.ids)
 
-    def fit(self, query: QueryIds, document: DocumentIds, side: str = "right") -> DocumentIds:
-        """The document cut, from `side`, to the body ids that fit next to `query` with nothing truncated
-        (at least one id is kept)."""
+    def fit(
+        self,
+        query: QueryIds,
+        document: DocumentIds,
+        side: str = "right",
+        *,
+        max_prompt_tokens: int | None = None,
+    ) -> DocumentIds:
+        """The document cut, from `side`, to the body ids that fit next to `query` with nothing truncated,
+        and with the whole prompt (template included) within `max_prompt_tokens` (at least one id is kept)."""
         doc_cap, pair_cap = self._caps(query)
-        room = max(1, min(doc_cap, pair_cap - len(self.sep_ids)) - len(document.head))
+        room = min(doc_cap, pair_cap - len(self.sep_ids))
+        if max_prompt_tokens is not None:
+            # A prompt: the template (fixed_length counts one separator), query, separator, document.
+            room = min(room, max_prompt_tokens - self.fixed_length - len(query.ids) - len(self.sep_ids))
+        room = max(1, room - len(document.head))
         if len(document) <= room:
             return document
         return document.last(room) if side == "left" else document.first(room)

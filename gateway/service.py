@@ -79,8 +79,8 @@ class RerankLimits:
                 )
         if q.top_n is not None and q.top_n < 1:
             raise InvalidInput(
-                f"`top_n` must be at least 1, got {q.top_n}; leave it out to get every document",
-                param="top_n",
+                f"`{q.top_n_param}` must be at least 1, got {q.top_n}; leave it out to get every document",
+                param=q.top_n_param,
             )
         if q.max_tokens_per_doc is not None and q.max_tokens_per_doc < 1:
             raise InvalidInput(
@@ -110,6 +110,10 @@ class RerankQuery:
     raw_scores: bool = False
     # Field names for error messages, in the dialect's words.
     documents_param: str = "documents"
+    top_n_param: str = "top_n"
+    # vLLM's truncate_prompt_tokens (whole prompt; only document ids are cut) and max_tokens_per_query.
+    max_prompt_tokens: int | None = None
+    max_query_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,14 +250,16 @@ class RerankService:
         """Each document tokenized once; caps, side fits and chunks cut its ids; one prompt per piece."""
         b = self.builder
         query = b.encode_query(q.query, q.instruction)
+        if q.max_query_tokens is not None:
+            query = query.first(q.max_query_tokens)
         prompts: list[Prompt] = []
         owner: list[int] = []
         cut_docs: set[int] = set()
         chunked = 0
         for i, doc in enumerate(b.encode_documents(q.documents)):
             kept = doc
-            if q.fit_side is not None:
-                kept = b.fit(query, doc, q.fit_side)
+            if q.fit_side is not None or q.max_prompt_tokens is not None:
+                kept = b.fit(query, doc, q.fit_side or "right", max_prompt_tokens=q.max_prompt_tokens)
             # A token cap tighter than the fit wins, and keeps the document's start.
             if q.max_tokens_per_doc is not None and len(kept) > q.max_tokens_per_doc:
                 kept = doc.first(q.max_tokens_per_doc)
