@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from core.contract import Prompt
-from engines.base import Engine, EngineInfo, Scored
+from engines.base import CircuitState, Engine, EngineInfo, Scored
 
 
 class DelegatingEngine:
@@ -61,3 +61,26 @@ class RecordingEngine(DelegatingEngine):
     def sizes(self) -> list[int]:
         """Prompts per call."""
         return [len(call) for call in self.calls]
+
+
+class RecordingObserver:
+    """An engines.base.EngineObserver that keeps every event, in order, as a tuple."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def engine_error(self, engine: str, kind: str) -> None:
+        self.events.append(("error", engine, kind))
+
+    def fallback(self, reason: str) -> None:
+        self.events.append(("fallback", reason))
+
+    def circuit_changed(self, engine: str, state: CircuitState) -> None:
+        self.events.append(("circuit", engine, state))
+
+    def engine_health(self, engine: str, healthy: bool) -> None:
+        self.events.append(("health", engine, healthy))
+
+    def of(self, kind: str) -> list[tuple]:
+        """The events of one kind, without the kind."""
+        return [event[1:] for event in self.events if event[0] == kind]

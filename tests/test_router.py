@@ -33,7 +33,7 @@ from engines.router import CircuitBreaker, CircuitState, RoutedEngine
 from engines.vllm_engine import SidecarMisconfigured, VllmEngine
 from gateway import metrics
 from tests.conftest import free_port
-from tests.fakes import RecordingEngine
+from tests.fakes import RecordingEngine, RecordingObserver
 
 TOLERANCE = 1e-5
 # Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
@@ -605,6 +605,62 @@ async def test_probe_closes_the_circuit_when_primary_recovers_without_traffic(pr
     finally:
         await router.close()
         sidecar.close()
+
+
+async def test_router_reports_errors_fallbacks_circuit_and_health_to_its_observer(prompts, onnx):
+    observer = RecordingObserver()
+    broken = EngineFailure("the fallback broke")
+    fallback = RecordingEngine(onnx, fail=lambda n, _: broken if n >= 2 else None)
+    with http_peer() as peer:  # healthy /health, HTTP 500 on every /classify
+        router = routed(vllm(peer.url), fallback, failure_threshold=2, observer=observer)
+        await router.start()
+        try:
+            assert (await router.score(prompts)).engine == "onnx"
+            with pytest.raises(EngineFailure) as info:
+                await router.score(prompts)
+            assert info.value is broken
+            assert broken.reported
+            await router.status()
+        finally:
+            await router.close()
+    assert observer.of("error") == [("vllm", "failure"), ("vllm", "failure"), ("onnx", "failure")]
+    assert observer.of("fallback") == [("failure",), ("failure",)]
+    assert observer.of("circuit") == [("vllm", CircuitState.CLOSED), ("vllm", CircuitState.OPEN)]
+    # At start (the primary's probe), then /ready's status of both.
+    assert observer.of("health") == [("vllm", True), ("vllm", True), ("onnx", True)]
+
+
+async def test_a_failing_fallback_is_counted_once_under_its_own_name(prompts, onnx):
+    """Behind the scheduler too: the error that leaves the router was reported already, under the fallback."""
+    from gateway.coalescer import Coalescer
+    from gateway.errors import GatewayError
+
+    fallback = RecordingEngine(onnx, fail=lambda n, _: EngineFailure("the fallback broke"))
+    with http_peer() as peer:  # healthy /health, HTTP 500 on every /classify
+        router = routed(vllm(peer.url), fallback, failure_threshold=100)
+        scheduler = Coalescer(
+            router,
+            max_batch_tokens=1_000_000,
+            max_batch_pairs=1_000,
+            max_wait_ms=1.0,
+            max_queued_pairs=1_000,
+            request_timeout_ms=30_000,
+        )
+        await router.start()
+        await scheduler.start()
+        primary = sample(metrics.ENGINE_ERRORS, engine="vllm", kind="failure")
+        secondary = sample(metrics.ENGINE_ERRORS, engine="onnx", kind="failure")
+        try:
+            for _ in range(3):
+                with pytest.raises(GatewayError):
+                    await scheduler.score(prompts)
+        finally:
+            await scheduler.close()
+            await router.close()
+        # One count per failed call, each under the engine that failed (not again under the primary's name).
+        assert peer.classify_calls >= 3
+        assert sample(metrics.ENGINE_ERRORS, engine="vllm", kind="failure") - primary == peer.classify_calls
+        assert sample(metrics.ENGINE_ERRORS, engine="onnx", kind="failure") - secondary == len(fallback.calls)
 
 
 async def test_fallback_gets_batches_cut_to_its_own_budget(prompt_builder, tiny_model_dir, prompts):
