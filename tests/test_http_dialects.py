@@ -115,7 +115,7 @@ def assert_best_first(scores: list[float], indices: list[int]) -> None:
 def test_jina_dialect_answers_id_model_usage_and_documents_best_first(client, direct):
     r = post(client, "/rerank", {"model": SERVED, "query": QUERY, "documents": DOCS})
     body = r.json()
-    assert set(body) == {"id", "model", "usage", "results"}
+    assert set(body) == {"id", "model", "usage", "results", "meta"}
     assert body["model"] == SERVED
     assert body["id"] == r.headers["x-request-id"]
     raw = direct.raw(QUERY, DOCS)
@@ -154,10 +154,18 @@ def test_jina_return_documents_false_leaves_documents_out(client):
     assert all(set(x) == {"index", "relevance_score"} for x in body["results"])
 
 
-def test_v1_rerank_without_cohere_signals_is_jina_shaped(client):
+def test_v1_rerank_without_cohere_signals_is_jina_shaped_with_cohere_meta(client):
+    import cohere
+
     body = post(client, "/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 2}).json()
-    assert set(body) == {"id", "model", "usage", "results"}
+    assert set(body) == {"id", "model", "usage", "results", "meta"}
     assert len(body["results"]) == 2
+    assert body["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
+    # What LiteLLM's `cohere/` and `azure_ai` providers do with the body: read it as Cohere's response.
+    parsed = cohere.RerankResponse.model_validate(body)
+    assert parsed.meta is not None
+    assert parsed.meta.billed_units.search_units == 1
+    assert [r.index for r in parsed.results] == [r["index"] for r in body["results"]]
 
 
 def test_instruction_reaches_the_prompt(client, direct):
@@ -339,12 +347,6 @@ def first_tokens(builder: PromptBuilder, text: str, n: int) -> str:
     return text if len(offsets) <= n else text[: offsets[n][0]]
 
 
-def token_chunks(builder: PromptBuilder, text: str, size: int) -> list[str]:
-    offsets = builder.tokenizer.encode(text, add_special_tokens=False).offsets
-    starts = [0] + [offsets[k][0] for k in range(size, len(offsets), size)]
-    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
-
-
 def test_max_tokens_per_doc_scores_only_the_first_tokens(client, direct):
     doc = long_text(60)
     short = "Bread keeps best in a paper bag."
@@ -367,9 +369,13 @@ def test_max_tokens_per_doc_scores_only_the_first_tokens(client, direct):
 
 def test_chunked_documents_score_the_max_over_their_chunks(client, direct):
     doc = long_text(40)
-    chunks = token_chunks(direct.builder, doc, CHUNK_TOKENS)
-    assert len(chunks) >= 3
-    chunk_scores = direct.raw(QUERY, chunks)
+    b = direct.builder
+    query = b.encode_query(QUERY)
+    # Chunks are slices of the document's token ids (the document is tokenized once, never re-tokenized).
+    pieces = b.encode_documents([doc])[0].chunks(CHUNK_TOKENS)
+    assert len(pieces) >= 3
+    chunk_prompts = [b.prompt(query, piece) for piece in pieces]
+    chunk_scores = list(direct.loop.run_until_complete(direct.engine.score(chunk_prompts)).scores)
     body = post(
         client,
         "/rerank",
@@ -378,7 +384,8 @@ def test_chunked_documents_score_the_max_over_their_chunks(client, direct):
     got = {x["index"]: x["relevance_score"] for x in body["results"]}
     assert got[0] == pytest.approx(max(chunk_scores), abs=1e-4)
     assert got[1] == pytest.approx(direct.raw(QUERY, [DOCS[0]])[0], abs=1e-4)  # a short document is one chunk
-    assert body["usage"]["prompt_tokens"] == direct.prompt_tokens(QUERY, [*chunks, DOCS[0]])
+    tokens = sum(len(p) for p in chunk_prompts) + direct.prompt_tokens(QUERY, [DOCS[0]])
+    assert body["usage"]["prompt_tokens"] == tokens
     assert body["results"][[x["index"] for x in body["results"]].index(0)]["document"] == {"text": doc}
 
     # max_chunks_per_doc bounds the chunks scored: with 1, only the first chunk counts.
@@ -411,7 +418,11 @@ def test_truncation_and_chunking_are_counted(client):
 
 @pytest.mark.parametrize(
     ("dialect", "shape"),
-    [("cohere", {"id", "results", "meta"}), ("jina", {"id", "model", "usage", "results"}), ("tei", None)],
+    [
+        ("cohere", {"id", "results", "meta"}),
+        ("jina", {"id", "model", "usage", "results", "meta"}),
+        ("tei", None),
+    ],
 )
 def test_client_command_prints_the_servers_answer(url, direct, capsys, dialect, shape):
     import json
@@ -447,3 +458,136 @@ def test_a_large_body_is_ranked_with_ties_in_index_order(client, direct):
     assert [x["index"] for x in results] == list(range(600))
     expected = normalize_score(direct.raw(QUERY, [doc])[0], ESTIMATED_MAX)
     assert all(x["relevance_score"] == pytest.approx(expected, abs=1e-5) for x in results)
+
+
+# --- max_chunks_per_doc as Cohere documents it ----------------------------------------------------------
+
+
+def test_max_chunks_per_doc_over_the_limit_is_capped_to_it(client, direct):
+    docs = [long_text(200), long_text(30, offset=3)]
+    capped = post(
+        client, "/v1/rerank", {"query": QUERY, "documents": docs, "max_chunks_per_doc": 1024}
+    ).json()
+    at_limit = post(
+        client, "/v1/rerank", {"query": QUERY, "documents": docs, "max_chunks_per_doc": 64}
+    ).json()
+    assert capped["results"] == at_limit["results"]
+    assert capped["meta"] == at_limit["meta"]
+
+
+def test_documents_times_chunks_at_ten_thousand_is_refused_with_its_own_code(client):
+    # 157 documents x 64 chunks (1024 capped at the default limit of 64) = 10,048 >= 10,000.
+    body = {"query": QUERY, "documents": ["short"] * 157, "max_chunks_per_doc": 1024}
+    response = client.post("/v1/rerank", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "too_many_chunks"
+    assert error["code"] != error["type"]
+    assert error["param"] == "max_chunks_per_doc"
+    assert "10048" in error["message"]
+    assert "10,000" in error["message"]
+    body["documents"] = ["short"] * 156  # 9,984 chunks at most: accepted
+    assert len(post(client, "/v1/rerank", body).json()["results"]) == 156
+
+
+# --- vLLM: truncate_prompt_tokens, max_tokens_per_query, /score ---------------------------------------
+
+
+def test_truncate_prompt_tokens_cuts_each_prompt_to_that_many_tokens(client, direct):
+    docs = [long_text(120), long_text(150, offset=5)]
+    k = 130
+    body = post(client, "/rerank", {"query": QUERY, "documents": docs, "truncate_prompt_tokens": k}).json()
+    assert body["usage"]["prompt_tokens"] == 2 * k
+    # The score is the contract's score of the prompt whose document kept its first tokens.
+    b = direct.builder
+    query = b.encode_query(QUERY)
+    raw = []
+    for doc in b.encode_documents(docs):
+        room = k - b.fixed_length - len(query.ids) - len(b.sep_ids) - len(doc.head)
+        prompt = b.prompt(query, doc.first(room))
+        assert len(prompt) == k
+        raw.append(direct.loop.run_until_complete(direct.engine.score([prompt])).scores[0])
+    for x in body["results"]:
+        assert x["relevance_score"] == pytest.approx(
+            normalize_score(raw[x["index"]], ESTIMATED_MAX), abs=1e-5
+        )
+    whole = post(client, "/rerank", {"query": QUERY, "documents": docs, "truncate_prompt_tokens": -1}).json()
+    assert whole["usage"]["prompt_tokens"] == direct.prompt_tokens(QUERY, docs)
+
+
+def test_max_tokens_per_query_cuts_the_query(client, direct):
+    query = "how long " * 30
+    full = post(client, "/rerank", {"query": query, "documents": DOCS}).json()
+    cut = post(client, "/rerank", {"query": query, "documents": DOCS, "max_tokens_per_query": 8}).json()
+    # The cap counts the query's own tokens (the `query: ` template stays).
+    encoded = direct.builder.encode_query(query)
+    assert len(encoded.ids) - encoded.head > 8
+    saved = full["usage"]["prompt_tokens"] - cut["usage"]["prompt_tokens"]
+    assert saved == len(DOCS) * (len(encoded.ids) - encoded.head - 8)
+
+
+def test_vllm_score_api_answers_one_score_per_text_2_in_input_order(client, direct):
+    raw = direct.raw(QUERY, DOCS)
+    for path in ("/score", "/v1/score"):
+        r = post(client, path, {"model": SERVED, "text_1": QUERY, "text_2": DOCS})
+        body = r.json()
+        assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+        assert body["object"] == "list"
+        assert body["model"] == SERVED
+        assert [x["index"] for x in body["data"]] == list(range(len(DOCS)))
+        assert all(x["object"] == "score" for x in body["data"])
+        for x in body["data"]:
+            assert x["score"] == pytest.approx(normalize_score(raw[x["index"]], ESTIMATED_MAX), abs=1e-5)
+        tokens = direct.prompt_tokens(QUERY, DOCS)
+        assert body["usage"]["prompt_tokens"] == tokens
+    # use_activation false: the raw score, as vLLM answers it; a repeated query is the same query.
+    body = post(
+        client, "/score", {"text_1": [QUERY] * len(DOCS), "text_2": DOCS, "use_activation": False}
+    ).json()
+    assert [x["score"] for x in body["data"]] == pytest.approx(raw, abs=1e-5)
+    one = post(client, "/score", {"text_1": [QUERY], "text_2": DOCS[2]}).json()
+    assert one["data"][0]["index"] == 0
+    assert one["data"][0]["score"] == pytest.approx(normalize_score(raw[2], ESTIMATED_MAX), abs=1e-5)
+
+
+def test_vllm_score_with_several_queries_is_a_400_naming_text_1(client):
+    response = client.post("/score", json={"text_1": ["a", "b"], "text_2": ["x", "y"]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "text_1"
+    assert response.json()["error"]["code"] == "several_queries"
+
+
+# --- Infinity ---------------------------------------------------------------------------------------
+
+
+def test_infinity_dialect_returns_documents_as_plain_strings(client, direct):
+    raw = direct.raw(QUERY, DOCS)
+    r = post(client, "/infinity/rerank", {"query": QUERY, "documents": DOCS, "return_documents": True})
+    body = r.json()
+    assert set(body) == {"object", "results", "model", "usage", "id", "created"}
+    assert body["object"] == "rerank"
+    assert body["model"] == SERVED
+    assert_best_first([x["relevance_score"] for x in body["results"]], [x["index"] for x in body["results"]])
+    for x in body["results"]:
+        assert x["document"] == DOCS[x["index"]]
+        assert x["relevance_score"] == pytest.approx(
+            normalize_score(raw[x["index"]], ESTIMATED_MAX), abs=1e-5
+        )
+    plain = post(client, "/infinity/rerank", {"query": QUERY, "documents": DOCS, "top_n": 2}).json()
+    assert [x["document"] for x in plain["results"]] == [None, None]
+    # The header names the dialect on the shared routes too.
+    forced = post(client, "/rerank", {"query": QUERY, "documents": DOCS}, **{"x-rerank-dialect": "infinity"})
+    assert forced.json()["object"] == "rerank"
+
+
+@pytest.mark.parametrize("path", ["/models", "/infinity/models"])
+def test_infinity_models_lists_the_served_names(client, path):
+    r = client.get(path)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert ids[0] == SERVED
+    assert ALIAS in ids
+    assert all(m["object"] == "model" and "rerank" in m["capabilities"] for m in body["data"])
+    assert body["data"][0]["backend"]

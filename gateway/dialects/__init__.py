@@ -70,45 +70,33 @@ class Dialect:
     render: Callable[[Any, RerankOutcome, ParsedDocuments, RenderContext], Any]
     error_body: Callable[[GatewayError], Any]
     example: dict[str, Any]
-    top_n_param: str = "top_n"
 
     def query(self, req: BaseModel, *, max_chunks_per_doc_limit: int) -> tuple[RerankQuery, ParsedDocuments]:
-        """The service's query for a validated request, checked once for every dialect."""
+        """The service's query for a validated request (max_chunks_per_doc capped)."""
         q, docs = self.to_query(req)
-        return check_query(q, self.top_n_param, max_chunks_per_doc_limit), docs
+        return check_query(q, max_chunks_per_doc_limit), docs
 
 
-def check_query(q: RerankQuery, top_n_param: str, max_chunks_per_doc_limit: int) -> RerankQuery:
-    """The one place empty documents, the result count and max_chunks_per_doc are checked (400s).
+def check_query(q: RerankQuery, max_chunks_per_doc_limit: int) -> RerankQuery:
+    """`max_chunks_per_doc` as Cohere documents it, a maximum: capped at RERANK_MAX_CHUNKS_PER_DOC_LIMIT,
+    and refused (400 `too_many_chunks`) only when documents x chunks >= 10,000.
 
-    `max_chunks_per_doc` is a maximum (Cohere's word): over RERANK_MAX_CHUNKS_PER_DOC_LIMIT it is capped, and
-    only documents x chunks >= 10,000 is refused.
+    Empty documents and a result count below 1 are checked once, by the service (RerankLimits.check), in
+    the dialect's words (`documents_param`, `top_n_param`).
     """
-    param = q.documents_param
-    if not q.documents:
+    if q.max_chunks_per_doc is None:
+        return q
+    chunks = min(q.max_chunks_per_doc, max_chunks_per_doc_limit)
+    if len(q.documents) * chunks >= MAX_DOCUMENT_CHUNKS:
         raise InvalidRequest(
-            f"`{param}` is empty: send at least one document to rank", param=param, code="empty_documents"
+            f"{len(q.documents)} documents x {chunks} chunks (`max_chunks_per_doc`, capped at "
+            f"{max_chunks_per_doc_limit} by RERANK_MAX_CHUNKS_PER_DOC_LIMIT) = "
+            f"{len(q.documents) * chunks} chunks; the limit is documents x chunks < "
+            f"{MAX_DOCUMENT_CHUNKS:,}: lower `max_chunks_per_doc` or send fewer documents",
+            param="max_chunks_per_doc",
+            code="too_many_chunks",
         )
-    if q.top_n is not None and q.top_n < 1:
-        raise InvalidRequest(
-            f"`{top_n_param}` must be >= 1, got {clip(q.top_n)}; leave it out to get every document",
-            param=top_n_param,
-            code="invalid_" + top_n_param,
-        )
-    if q.max_chunks_per_doc is not None:
-        chunks = min(q.max_chunks_per_doc, max_chunks_per_doc_limit)
-        if len(q.documents) * chunks >= MAX_DOCUMENT_CHUNKS:
-            raise InvalidRequest(
-                f"{len(q.documents)} documents x {chunks} chunks (`max_chunks_per_doc`, capped at "
-                f"{max_chunks_per_doc_limit} by RERANK_MAX_CHUNKS_PER_DOC_LIMIT) = "
-                f"{len(q.documents) * chunks} chunks; the limit is documents x chunks < "
-                f"{MAX_DOCUMENT_CHUNKS:,}: lower `max_chunks_per_doc` or send fewer documents",
-                param="max_chunks_per_doc",
-                code="too_many_chunks",
-            )
-        if chunks != q.max_chunks_per_doc:
-            q = replace(q, max_chunks_per_doc=chunks)
-    return q
+    return q if chunks == q.max_chunks_per_doc else replace(q, max_chunks_per_doc=chunks)
 
 
 # --- error bodies -----------------------------------------------------------------------------------------
@@ -167,7 +155,6 @@ REGISTRY: tuple[Dialect, ...] = (
         render=lambda req, out, docs, ctx: mixedbread.render(req, out, docs, model=ctx.model),
         error_body=detail_error_body,
         example={"query": _QUERY, "input": _DOCS, "top_k": 2, "return_input": True},
-        top_n_param="top_k",
     ),
     Dialect(
         name="vllm-score",

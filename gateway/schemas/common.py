@@ -58,8 +58,8 @@ def _whole_number(value: Any) -> Any:
 # A count as the spec says it: an integer >= 1 (3 and 3.0, never true or "3"). The bound sits inside the
 # annotation: outside it, pydantic cannot put `minimum` into the JSON Schema through the before-validator.
 Count = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
-# `top_n` / `top_k`: an integer whose bound (>= 1) the spec states and gateway.dialects.check_query enforces,
-# the one place every dialect's count of results is checked.
+# `top_n` / `top_k`: an integer whose bound (>= 1) the spec states and the service enforces
+# (RerankLimits.check: the one place every dialect's count of results is checked, in the dialect's words).
 TopN = Annotated[int, BeforeValidator(_whole_number), Field(json_schema_extra={"minimum": 1})]
 # Request models validate strictly: what the OpenAPI spec calls an integer or a boolean must be one.
 STRICT_REQUEST = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
@@ -161,7 +161,7 @@ def parse_documents(
 ) -> ParsedDocuments:
     """Texts to rank from strings or objects; every bad item is a 400 naming `documents[i]`.
 
-    An empty list parses to no texts: gateway.dialects.check_query refuses it, for every dialect.
+    An empty list parses to no texts: the service refuses it (RerankLimits.check), for every dialect.
     """
     if rank_fields is not None and not rank_fields:
         raise InvalidRequest(

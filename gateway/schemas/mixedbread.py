@@ -78,6 +78,7 @@ def to_query(req: MixedbreadRequest) -> tuple[RerankQuery, ParsedDocuments]:
             top_n=req.top_k,
             raw_scores=req.raw_scores,
             documents_param="input",
+            top_n_param="top_k",
         ),
         docs,
     )
