@@ -239,9 +239,7 @@ async def test_onnx_start_refuses_a_corrupt_model_folder(tmp_path, tiny_model_di
     await engine.close()
 
 
-def test_compose_builds_onnx_with_the_threads_budgets_and_quantization_set(
-    make_settings, tiny_model_dir
-):
+def test_compose_builds_onnx_with_the_threads_budgets_and_quantization_set(make_settings, tiny_model_dir):
     settings = make_settings(
         quantization="fp32",
         onnx_intra_op_threads=1,
