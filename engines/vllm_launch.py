@@ -325,22 +325,34 @@ def run_sidecar(opts: VllmLaunchOptions, *, stdout=None, stderr=None) -> tuple[i
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
     env = build_env(opts)
-    proc = subprocess.Popen(  # an argv list: no shell involved
-        build_argv(opts), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
-    )
-    kept: list[str] = []
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, out, kept), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, err, kept), daemon=True),
-    ]
-    for t in pumps:
-        t.start()
+    # Handlers first: a signal that arrives while vLLM starts is held, then forwarded once it runs.
+    child: list[subprocess.Popen] = []
+    held: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        if child:
+            child[0].send_signal(signum)
+        else:
+            held.append(signum)
+
     previous = {}
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
+    if threading.current_thread() is threading.main_thread():
         for sig in _FORWARDED:
-            previous[sig] = signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+            previous[sig] = signal.signal(sig, forward)
     try:
+        proc = subprocess.Popen(  # an argv list: no shell involved
+            build_argv(opts), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
+        )
+        child.append(proc)
+        for signum in held:
+            proc.send_signal(signum)
+        kept: list[str] = []
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, out, kept), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, err, kept), daemon=True),
+        ]
+        for t in pumps:
+            t.start()
         rc = proc.wait()
     finally:
         for sig, handler in previous.items():
