@@ -9,6 +9,9 @@ Modal run it before the gateway starts, so the gateway image itself never needs 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import sys
 from pathlib import Path
 
 
@@ -33,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.base import ModelPreparationError
+    from gateway.commands.serve import log_project_at
     from gateway.compose import resolve_model
     from gateway.config import Settings
 
@@ -47,5 +52,18 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = Settings(**overrides)
-    print(resolve_model(settings))
+    log_project_at(settings.log_level)  # "exporting ... (first start only)" is an INFO line
+    try:
+        # stdout carries the folder alone (`RERANK_MODEL_PATH=$(rerank-gateway prepare)`); the export's
+        # progress and verification lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            folder = resolve_model(settings)
+    except ModelPreparationError as exc:
+        if args.model_path is None:
+            raise
+        # The resolver names the setting; this user typed the flag.
+        raise ModelPreparationError(
+            re.sub(r"^RERANK_MODEL_PATH=", "--model-path ", str(exc), count=1)
+        ) from exc.__cause__
+    print(folder)
     return 0

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+# The project's own loggers. They log at RERANK_LOG_LEVEL (default info: start-up, ready, engine state);
+# the CLI keeps the root logger, and so every library, at WARNING.
+PROJECT_LOGGERS = ("gateway", "engines", "core")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def log_project_at(level: str) -> None:
+    """Show the project's own log lines from `level` up (a name such as info or warning)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"RERANK_LOG_LEVEL={level!r}: use debug, info, warning or error")
+    # Never quieter than the root logger (--verbose sets it to DEBUG).
+    level = min(numeric, logging.getLogger().getEffectiveLevel())
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.model_store import verify_model_dir
     from gateway.app import create_app
@@ -34,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update=overrides)
     if not 0 <= settings.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {settings.port}")
+    log_project_at(settings.log_level)
     # Resolved and checked before uvicorn starts, so a missing or corrupt model is the same one error line
     # as `rank` prints, not a lifespan traceback.
     model_dir = resolve_model(settings)
