@@ -1,0 +1,129 @@
+"""The official `mixedbread` Python SDK, unmodified, against a real `rerank-gateway serve` (sync and async).
+
+`Mixedbread(base_url=URL).rerank(...)` posts to URL + `/v1/reranking` with `Authorization: Bearer <api_key>`
+and parses the answer into its own `RerankResponse` (pydantic): the shape is checked by the SDK itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mixedbread import AsyncMixedbread, BadRequestError, Mixedbread
+
+from core.contract import PromptBuilder, normalize_score
+from tests.conftest import free_port, gateway_server
+
+API_KEY = "mxb-key"
+MODEL = "mixedbread-ai/mxbai-rerank-large-v2"  # what Mixedbread users pass; served here as an alias
+ESTIMATED_MAX = 9.0
+QUERY = "Who wrote 'To Kill a Mockingbird'?"
+DOCS = [
+    "'To Kill a Mockingbird' is a novel by Harper Lee published in 1960.",
+    "The novel 'Moby-Dick' was written by Herman Melville.",
+    "Harper Lee, an American novelist, grew up in Monroeville, Alabama.",
+    "Jane Austen wrote 'Pride and Prejudice'.",
+]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = {
+        "RERANK_QUANTIZATION": "fp32",
+        "RERANK_ESTIMATED_MAX": str(ESTIMATED_MAX),
+        "RERANK_API_KEYS": API_KEY,
+        "RERANK_MODEL_ALIASES": MODEL,
+    }
+    with gateway_server(free_port(), tiny_model_dir, tmp_path_factory.mktemp("mxb"), env=env) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def raw_of(tiny_model_dir: Path):
+    """Raw scores of texts from the ONNX engine called directly (the reference numbers)."""
+    from gateway.compose import build_onnx
+    from gateway.config import Settings
+
+    settings = Settings(_env_file=None, model_path=tiny_model_dir, quantization="fp32")
+    builder = PromptBuilder.from_dir(tiny_model_dir)
+
+    def raw(texts: list[str]) -> list[float]:
+        async def go() -> list[float]:
+            engine = build_onnx(settings, tiny_model_dir)
+            await engine.start()
+            try:
+                return list((await engine.score(builder.build(QUERY, texts))).scores)
+            finally:
+                await engine.close()
+
+        return asyncio.run(go())
+
+    return raw
+
+
+def best_first(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def test_sync_client_reranks_strings(url, raw_of):
+    client = Mixedbread(api_key=API_KEY, base_url=url, max_retries=0)
+    response = client.rerank(model=MODEL, query=QUERY, input=DOCS, top_k=3, return_input=True)
+    raw = raw_of(DOCS)
+    assert [d.index for d in response.data] == best_first(raw)[:3]
+    for d in response.data:
+        assert d.score == pytest.approx(normalize_score(raw[d.index], ESTIMATED_MAX), abs=1e-5)
+        assert d.input == DOCS[d.index]
+        assert d.object == "rank_result"
+    assert response.object == "list"
+    assert response.top_k == 3
+    assert response.return_input is True
+    assert response.model  # the served name
+    assert response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens
+
+
+def test_sync_client_without_top_k_gets_every_document_and_no_input(url, raw_of):
+    client = Mixedbread(api_key=API_KEY, base_url=url, max_retries=0)
+    response = client.rerank(query=QUERY, input=DOCS)
+    assert [d.index for d in response.data] == best_first(raw_of(DOCS))
+    assert all(d.input is None for d in response.data)
+    assert response.top_k == len(DOCS)
+    assert response.return_input is False
+
+
+def test_sync_client_ranks_objects_on_rank_fields(url, raw_of):
+    objects = [{"content": text, "id": f"doc-{i}"} for i, text in enumerate(DOCS)]
+    client = Mixedbread(api_key=API_KEY, base_url=url, max_retries=0)
+    response = client.rerank(query=QUERY, input=objects, rank_fields=["content"], return_input=True)
+    assert [d.index for d in response.data] == best_first(raw_of(DOCS))
+    for d in response.data:
+        assert d.input == objects[d.index]  # the object as sent, every field
+
+
+def test_async_client_reranks(url, raw_of):
+    async def go():
+        client = AsyncMixedbread(api_key=API_KEY, base_url=url, max_retries=0)
+        try:
+            return await client.rerank(model=MODEL, query=QUERY, input=DOCS, top_k=2)
+        finally:
+            await client.close()
+
+    response = asyncio.run(go())
+    raw = raw_of(DOCS)
+    assert [d.index for d in response.data] == best_first(raw)[:2]
+    for d in response.data:
+        assert d.score == pytest.approx(normalize_score(raw[d.index], ESTIMATED_MAX), abs=1e-5)
+
+
+def test_sdk_raises_bad_request_with_the_message(url):
+    client = Mixedbread(api_key=API_KEY, base_url=url, max_retries=0)
+    with pytest.raises(BadRequestError) as caught:
+        client.rerank(query=QUERY, input=[])
+    body = caught.value.body
+    assert body["error"]["param"] == "input"
+    assert "`input` is empty" in body["detail"]
+    with pytest.raises(BadRequestError) as caught:
+        client.rerank(query=QUERY, input=DOCS, top_k=0)
+    assert caught.value.body["error"]["param"] == "top_k"
