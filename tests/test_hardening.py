@@ -502,8 +502,8 @@ def test_the_served_name_is_the_manifests_not_the_default_hub_id(client, tiny_mo
 
 def test_rerank_served_model_name_overrides_the_manifest(make_settings, tiny_model_dir):
     from gateway.app import create_app
+    from gateway.compose import served_names
     from gateway.config import Settings
-    from gateway.service import served_names
 
     app = create_app(Settings(_env_file=None, model_path=tiny_model_dir), model_dir=tiny_model_dir)
     assert served_names(app.state.settings) == [manifest_name(tiny_model_dir)]
