@@ -61,6 +61,8 @@ Count = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
 # `top_n` / `top_k`: an integer whose bound (>= 1) the spec states and the service enforces
 # (RerankLimits.check: the one place every dialect's count of results is checked, in the dialect's words).
 TopN = Annotated[int, BeforeValidator(_whole_number), Field(json_schema_extra={"minimum": 1})]
+# vLLM's truncate_prompt_tokens: -1 (fit the model) or a positive token count.
+PromptCap = Annotated[int, Field(ge=-1), BeforeValidator(_whole_number)]
 # Request models validate strictly: what the OpenAPI spec calls an integer or a boolean must be one.
 STRICT_REQUEST = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
@@ -118,7 +120,7 @@ class RerankOptions(BaseModel):
             "documents x chunks >= 10,000 is refused (400 `too_many_chunks`)."
         ),
     )
-    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = Field(
+    truncate_prompt_tokens: PromptCap | None = Field(
         None,
         description=(
             "vLLM: -1 or absent, documents are cut to fit the model; a positive k cuts each prompt to at "

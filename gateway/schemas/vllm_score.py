@@ -10,12 +10,12 @@ returns raw scores, as vLLM does.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from gateway.errors import InvalidRequest
-from gateway.schemas.common import STRICT_REQUEST, ParsedDocuments, parse_documents, positive
+from gateway.schemas.common import STRICT_REQUEST, ParsedDocuments, PromptCap, parse_documents, positive
 from gateway.service import RerankOutcome, RerankQuery
 
 
@@ -27,7 +27,7 @@ class ScoreRequest(BaseModel):
     model: str | None = Field(None, description="Optional; when given, the served name or an alias.")
     text_1: str | list[str] = Field(description="The query (or one query per `text_2` item, all equal).")
     text_2: str | list[str] = Field(description="The documents to score.")
-    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = Field(
+    truncate_prompt_tokens: PromptCap | None = Field(
         None,
         description=(
             "-1 or absent: documents are cut to fit the model (the contract's own cut). A positive k cuts "
