@@ -1,7 +1,8 @@
-"""Coalescer benchmark: concurrent small requests with and without the coalescer, against the best batch.
+"""Batching benchmark: concurrent small requests with and without the scheduler, against the best batch.
 
 In process, on the real ONNX engine: N concurrent clients each send requests of 1 query x 8 documents,
-either straight to `engine.score` (one engine call per request) or through `Coalescer.score`. Printed per
+either straight to `engine.score` (one engine call per request) or through `Scheduler.score` (gateway/
+scheduler.py, which replaced the coalescer; the mode keeps its name `coalesced`). Printed per
 level: throughput, p50/p99 latency, mean batch fill and padding waste, and throughput as a share of the
 engine's best offline batch throughput on the same pairs (all pairs at once, or fixed-size chunks).
 
@@ -37,7 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from core.contract import Prompt, PromptBuilder  # noqa: E402
 from engines.onnx_engine import OnnxEngine  # noqa: E402
-from gateway.coalescer import Coalescer  # noqa: E402
+from gateway.scheduler import Scheduler  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench-models"
 DOCS_PER_REQUEST = 8
@@ -137,7 +138,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def batch_stats(calls: Sequence[Sequence[Prompt]], info) -> tuple[float, float]:
-    """Mean batch fill and padding share of engine calls, measured the coalescer's way."""
+    """Mean batch fill and padding share of engine calls, measured the scheduler's way."""
     fills, paddings = [], []
     for call in calls:
         longest, tokens = max(len(p) for p in call), sum(len(p) for p in call)
@@ -216,20 +217,18 @@ async def run_direct(engine: OnnxEngine, per_client, info) -> Row:
 
 async def run_coalesced(engine: OnnxEngine, per_client, info, max_wait_ms: float) -> Row:
     counting = CountingEngine(engine)
-    coalescer = Coalescer(
+    scheduler = Scheduler(
         counting,
-        max_batch_tokens=info.max_batch_tokens,
-        max_batch_pairs=info.max_batch_pairs,
+        budget=info.budget,
         max_wait_ms=max_wait_ms,
-        max_queued_pairs=1_000_000,
+        max_queued_tokens=1_000_000_000,
         request_timeout_ms=3_600_000,
     )
-    await coalescer.start()
     try:
-        wall, lat = await run_clients(coalescer.score, per_client)
-        stats = coalescer.stats()
+        wall, lat = await run_clients(scheduler.score, per_client)
+        stats = scheduler.stats()
     finally:
-        await coalescer.close()
+        await scheduler.close()
     pairs = sum(len(r) for c in per_client for r in c)
     return Row("", "coalesced", len(per_client), sum(map(len, per_client)), pairs / wall,
                percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3, stats["mean_batch_fill"],
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         rows += asyncio.run(bench_model(m, args))
     print(
-        f"coalescer benchmark: {os.cpu_count()} CPUs, onnx {args.quantization}, "
+        f"batching benchmark: {os.cpu_count()} CPUs, onnx {args.quantization}, "
         f"intra_op_threads={args.intra_op_threads}, max_wait_ms={args.max_wait_ms}"
     )
     print(f"{DOCS_PER_REQUEST} documents per request; direct = one engine call per request")

@@ -1,8 +1,11 @@
 """The FastAPI app factory: routes, error handlers, request ids, docs, and the engine's lifespan.
 
-Lifespan: resolve the model, build and start the engine, warm it with one pair, start the coalescer, then
+Lifespan: resolve the model, build and start the engine, warm it with one pair, build the scheduler, then
 mark the service ready. On shutdown (uvicorn stops taking connections and waits up to drain_timeout_s for
-in-flight requests first) the coalescer drains and the engine closes.
+in-flight requests first) the scheduler drains and the engine closes.
+
+Admission (gateway/admission.py) sits in front of the rerank routes: when RERANK_MAX_ACTIVE_REQUESTS are
+inside or the scheduler's queue is full, a request gets 429 before its body is read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +27,10 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import GatewayError, clip
+from core.errors import DomainError
+from engines.base import EngineError
+from gateway.admission import AdmissionControl, AdmissionMiddleware
+from gateway.errors import GatewayError, clip, from_domain_error, from_engine_error
 from gateway.http_server import DrainController, DrainMiddleware
 from gateway.schemas import invalid_request_from_errors
 
@@ -95,6 +101,13 @@ async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """A domain error (core.errors) or an engine error, at its status in the table."""
+    assert isinstance(exc, (DomainError, EngineError))
+    error = from_domain_error(exc) if isinstance(exc, DomainError) else from_engine_error(exc)
+    return await _gateway_error(request, error)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return await _gateway_error(request, invalid_request_from_errors(exc.errors(), fastapi_locations=True))
@@ -135,47 +148,35 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _load_coalescer() -> Any:
-    try:
-        from gateway.coalescer import Coalescer
-    except ModuleNotFoundError as exc:
-        if exc.name != "gateway.coalescer":
-            raise
-        return None
-    return Coalescer
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load, start and warm the engine before the first request; drain and close it at shutdown."""
     from core.contract import PromptBuilder
     from gateway import compose
-    from gateway.service import with_served_name
 
     settings: Settings = app.state.settings
     model_dir: Path | None = app.state.model_dir
     if model_dir is None:
         model_dir = await asyncio.to_thread(compose.resolve_model, settings)
-        settings = app.state.settings = with_served_name(settings, model_dir)
+        settings = app.state.settings = compose.with_served_name(settings, model_dir)
     builder = await asyncio.to_thread(PromptBuilder.from_dir, model_dir, max_length=settings.max_length)
     engine: Engine | None = app.state.engine
     if engine is None:
         engine = compose.build_serving_engine(settings, model_dir)
-    coalescer = None
+    scheduler = None
     service = None
     try:
         started = time.perf_counter()
         await engine.start()
         service = compose.build_service(settings, builder, engine, model_dir)
         await service.warm()
-        coalescer_cls = _load_coalescer() if settings.coalesce else None
-        if coalescer_cls is not None:
-            coalescer = coalescer_cls.from_settings(engine, settings)
-            await coalescer.start()
-            service.scorer = coalescer
+        if settings.coalesce:
+            scheduler = compose.build_scheduler(settings, engine)
+            service.scorer = scheduler
+            app.state.admission.queue = scheduler
         app.state.service = service
         service.ready = True
-        log.warning(
+        log.info(
             "ready: %s from %s on %s in %.1f s",
             settings.public_model_name,
             model_dir,
@@ -189,9 +190,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # After a SIGTERM drain only what is left of its budget: the process must exit soon after the
         # deadline even when the engine is busy (an onnxruntime run cannot be interrupted).
         drain: DrainController = app.state.drain
-        if coalescer is not None:
-            await coalescer.drain(drain.time_left_s(settings.drain_timeout_s))
-            await coalescer.close()
+        if scheduler is not None:
+            await scheduler.drain(drain.time_left_s(settings.drain_timeout_s))
+            await scheduler.close()
+            app.state.admission.queue = None
         try:
             await asyncio.wait_for(engine.close(), drain.time_left_s(settings.drain_timeout_s) or 0.01)
         except asyncio.TimeoutError:
@@ -227,7 +229,7 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
         lifespan=lifespan,
     )
     if model_dir is not None:
-        from gateway.service import with_served_name
+        from gateway.compose import with_served_name
 
         settings = with_served_name(settings, Path(model_dir))
     app.state.settings = settings
@@ -235,11 +237,14 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
     app.state.engine = engine
     app.state.service = None
     app.state.drain = DrainController()
+    app.state.admission = AdmissionControl(max_active_requests=settings.max_active_requests)
 
     app.include_router(rerank.router)
     app.include_router(health.router)
     app.include_router(models.router)
     app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(EngineError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
@@ -247,6 +252,8 @@ def create_app(settings: Settings, *, model_dir: Path | None = None, engine: Eng
     install_openapi(app, rerank.REQUEST_BODY_MODELS, auth_enabled=bool(settings.api_keys), settings=settings)
     # Inside the metrics and request-id middleware, so a request cut by the drain is counted and has an id.
     app.add_middleware(DrainMiddleware, controller=app.state.drain)
+    # Inside the metrics middleware too (a 429 is counted), outside everything that reads the body.
+    app.add_middleware(AdmissionMiddleware, control=app.state.admission)
     _install_observability(app, settings)
     app.add_middleware(RequestIdMiddleware)
     return app

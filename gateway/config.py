@@ -81,13 +81,24 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(3, ge=1, description="Consecutive failures that open the circuit.")
     breaker_reset_ms: int = Field(5_000, ge=1, description="Open time before a half-open probe.")
 
-    # --- coalescer (None = the engine's default) -----------------------------------------------------
-    coalesce: bool = Field(True, description="Batch pairs across concurrent requests.")
-    max_batch_tokens: int | None = Field(None, ge=1)
-    max_batch_pairs: int | None = Field(None, ge=1)
-    max_wait_ms: float = Field(2.0, ge=0)
-    max_queued_pairs: int = Field(8_192, ge=1)
-    request_timeout_ms: int = Field(60_000, ge=1)
+    # --- scheduler and admission (None = derived from the engine) ------------------------------------
+    coalesce: bool = Field(True, description="Batch pairs across concurrent requests (the scheduler).")
+    max_batch_tokens: int | None = Field(None, ge=1, description="One engine run's token budget.")
+    max_batch_pairs: int | None = Field(None, ge=1, description="One engine run's prompts.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a partial batch waits for company.")
+    max_queued_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens the scheduler queue may hold (beyond it, 429 with Retry-After); default: 8 "
+        "engine runs per concurrent batch (65,536 for ONNX).",
+    )
+    max_active_requests: int = Field(
+        128,
+        ge=1,
+        description="Rerank requests inside the app at once (read, parsed, queued or scored); beyond it, "
+        "429 before the body is read.",
+    )
+    request_timeout_ms: int = Field(60_000, ge=1, description="A request's deadline in the queue (503).")
     drain_timeout_s: float = Field(30.0, ge=0)
 
     # --- HTTP edge -------------------------------------------------------------------------------

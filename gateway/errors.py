@@ -1,12 +1,13 @@
 """The gateway's exception hierarchy. Each class maps to exactly one HTTP status (see the table below).
 
 Routes and services raise these; one handler (registered by the app factory) renders every one of them as
-`{"error": {"message", "type", "param", "code"}}`. Engine errors are translated here too, so routes never
-catch bare `Exception`.
+`{"error": {"message", "type", "param", "code"}}`. Engine errors and the scheduler's domain errors
+(core.errors) are translated here too, so routes never catch bare `Exception`.
 """
 
 from __future__ import annotations
 
+from core import errors as domain
 from engines.base import EngineError, EngineFailure, EngineTimeout, EngineUnavailable
 
 # Client values quoted back in an error message are cut to about this many characters: a 5 MB `model` name
@@ -148,3 +149,18 @@ def from_engine_error(exc: EngineError) -> GatewayError:
     if isinstance(exc, EngineFailure):
         return UpstreamFailure(f"the engine failed: {exc}")
     return UpstreamFailure(f"the engine failed: {exc}")
+
+
+def from_domain_error(exc: domain.DomainError) -> GatewayError:
+    """Translate a scheduling outcome (core.errors) to the HTTP status table."""
+    if isinstance(exc, domain.InputTooLarge):
+        return PayloadTooLarge(exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, domain.InputRejected):
+        return InvalidRequest(exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, domain.Overloaded):
+        return Overloaded(exc.message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, domain.DeadlineExceeded):
+        return GatewayTimeout(exc.message)
+    if isinstance(exc, domain.ShuttingDown):
+        return ShuttingDown(exc.message)
+    return ServiceUnavailable(exc.message)

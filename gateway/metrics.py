@@ -48,7 +48,7 @@ REQUEST_LATENCY = Histogram(
 )
 QUEUE_LATENCY = Histogram(
     "rerank_queue_duration_seconds",
-    "Time a pair waited in the coalescer queue before its batch started.",
+    "Time a pair waited in the scheduler queue before its batch started.",
     ["engine"],
     buckets=_LATENCY_BUCKETS_S,
     registry=REGISTRY,
@@ -83,7 +83,7 @@ PADDING_WASTE = Histogram(
 )
 QUEUE_DEPTH = Gauge(
     "rerank_queue_depth_pairs",
-    "Pairs waiting in the coalescer queue.",
+    "Pairs waiting in the scheduler queue.",
     ["engine"],
     registry=REGISTRY,
 )
@@ -153,3 +153,51 @@ class PrometheusEngineObserver:
 
 
 ENGINE_OBSERVER = PrometheusEngineObserver()
+
+QUEUE_TOKENS = Gauge(
+    "rerank_queue_depth_tokens",
+    "Tokens waiting in the scheduler queue (what RERANK_MAX_QUEUED_TOKENS bounds).",
+    ["engine"],
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "rerank_rejected_requests_total",
+    "Requests answered 429 by admission, by reason (active_requests, queue_full before the body is read; "
+    "queue_tokens, drain_time once the request is tokenized).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+class PrometheusSchedulerObserver:
+    """The scheduler's events (gateway.scheduler.SchedulerObserver) as the rerank_* metrics above."""
+
+    def queue_changed(self, engine: str, entries: int, tokens: int) -> None:
+        QUEUE_DEPTH.labels(engine).set(entries)
+        QUEUE_TOKENS.labels(engine).set(tokens)
+
+    def batch_started(self, engine: str, waited_s) -> None:
+        histogram = QUEUE_LATENCY.labels(engine)
+        for wait_s in waited_s:
+            histogram.observe(wait_s)
+
+    def batch_finished(
+        self, engine: str, *, rows: int, tokens: int, padded_tokens: int, padded: bool, seconds: float
+    ) -> None:
+        INFERENCE_LATENCY.labels(engine).observe(seconds)
+        BATCH_SIZE.labels(engine).observe(rows)
+        BATCH_TOKENS.labels(engine).observe(tokens)
+        if padded and padded_tokens:
+            PADDING_WASTE.labels(engine).observe(1.0 - tokens / padded_tokens)
+
+    def request_dropped(self, reason: str) -> None:
+        DROPPED.labels(reason).inc()
+
+    def request_rejected(self, reason: str) -> None:
+        REJECTED.labels(reason).inc()
+
+    def engine_failed(self, engine: str, kind: str) -> None:
+        ENGINE_ERRORS.labels(engine, kind).inc()
+
+
+SCHEDULER_OBSERVER = PrometheusSchedulerObserver()
