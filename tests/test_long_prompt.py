@@ -54,7 +54,7 @@ def mixed_prompts(prompt_builder: PromptBuilder) -> list[Prompt]:
 def test_export_writes_the_chunk_graph_and_lists_it_with_its_hash(tiny_model_dir: Path):
     manifest = json.loads((tiny_model_dir / MANIFEST_NAME).read_text())
     # The tiny model's weights fit in the graph file, so its chunk graph carries its own copy.
-    assert manifest["chunk_graphs"] == {"fp32": ["model.chunk.onnx"]}
+    assert manifest["chunk_graphs"] == {"fp32": ["model.chunk.onnx"], "int8": ["model.int8.chunk.onnx"]}
     entry = manifest["files"]["model.chunk.onnx"]
     assert sha256_file(tiny_model_dir / "model.chunk.onnx") == entry["sha256"]
     chunk = manifest["chunk"]
@@ -63,7 +63,8 @@ def test_export_writes_the_chunk_graph_and_lists_it_with_its_hash(tiny_model_dir
     assert chunk["kv_shape_per_token"] == [2, 2, 2, 32]  # layers, key/value, kv heads, head dim
     assert chunk["max_abs_diff_vs_torch"] < 1e-4
     assert chunk["chunked_max_abs_diff_vs_one_shot"] < CHUNK_PARITY
-    assert verify_model_dir(tiny_model_dir, "fp32").chunk_graphs == {"fp32": ("model.chunk.onnx",)}
+    assert verify_model_dir(tiny_model_dir, "fp32").chunk_graphs["fp32"] == ("model.chunk.onnx",)
+    assert verify_model_dir(tiny_model_dir, "int8").chunk_graphs["int8"] == ("model.int8.chunk.onnx",)
 
 
 def test_a_corrupt_chunk_graph_is_refused(tiny_model_dir: Path, tmp_path: Path):
@@ -104,27 +105,39 @@ def test_a_folder_without_the_chunk_graph_still_serves_one_shot(
 ):
     """A folder exported before the chunk graph existed: no file, no manifest entry."""
     d = Path(shutil.copytree(tiny_model_dir, tmp_path / "old", ignore=shutil.ignore_patterns(".complete")))
-    (d / "model.chunk.onnx").unlink()
     manifest = json.loads((d / MANIFEST_NAME).read_text())
+    for name in ("model.chunk.onnx", "model.int8.chunk.onnx"):
+        (d / name).unlink()
+        del manifest["files"][name]
     for key in ("chunk_graphs", "chunk"):
         del manifest[key]
-    del manifest["files"]["model.chunk.onnx"]
     (d / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     assert verify_model_dir(d, "fp32").chunk_graphs == {}
 
     old = _engine(d)
     assert not old.chunked
     old_scores = _scores(old, mixed_prompts)
+    old_int8 = _engine(d, quantization="int8")
+    assert not old_int8.chunked
+    assert np.all(np.isfinite(_scores(old_int8, mixed_prompts)))
     new_scores = _scores(_engine(tiny_model_dir, long_prompt_tokens=256), mixed_prompts)
     assert np.max(np.abs(old_scores - new_scores)) <= CHUNK_PARITY
 
 
-def test_int8_keeps_its_own_graph_one_prompt_per_run(tiny_model_dir: Path, mixed_prompts: list[Prompt]):
-    """int8 has no chunk graph: it serves model.int8.onnx, long prompts in one piece (see the README)."""
-    engine = _engine(tiny_model_dir, quantization="int8")
-    assert not engine.chunked
-    scores = _scores(engine, mixed_prompts)
-    assert np.all(np.isfinite(scores))
+def test_int8_long_prompts_run_chunked_through_the_int8_chunk_graph(
+    tiny_model_dir: Path, mixed_prompts: list[Prompt]
+):
+    """int8 has its own chunk graph (the same per-token rewrite): chunked scores equal int8 one-shot ones."""
+    manifest = json.loads((tiny_model_dir / MANIFEST_NAME).read_text())
+    assert manifest["chunk_graphs"]["int8"] == ["model.int8.chunk.onnx"]
+    chunked_engine = _engine(tiny_model_dir, quantization="int8", long_prompt_tokens=256, chunk_tokens=128)
+    assert chunked_engine.chunked
+    chunked = _scores(chunked_engine, mixed_prompts)
+    one_shot_engine = _engine(tiny_model_dir, quantization="int8", long_prompt_tokens=None)
+    assert not one_shot_engine.chunked
+    one_shot = _scores(one_shot_engine, mixed_prompts)
+    # Activations are quantized per token, so a chunk boundary changes nothing but fp32 rounding upstream.
+    assert np.max(np.abs(chunked - one_shot)) <= 1e-3, (chunked, one_shot)
 
 
 def test_a_prompt_longer_than_the_model_is_rejected_before_any_run(tiny_model_dir: Path):
