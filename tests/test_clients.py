@@ -2,6 +2,8 @@
 
 `Mixedbread(base_url=URL).rerank(...)` posts to URL + `/v1/reranking` with `Authorization: Bearer <api_key>`
 and parses the answer into its own `RerankResponse` (pydantic): the shape is checked by the SDK itself.
+Haystack's `JinaRanker` (jina-haystack) posts the Jina dialect to the URL it is given and raises
+`RuntimeError(resp["detail"])` on errors.
 """
 
 from __future__ import annotations
@@ -127,3 +129,44 @@ def test_sdk_raises_bad_request_with_the_message(url):
     with pytest.raises(BadRequestError) as caught:
         client.rerank(query=QUERY, input=DOCS, top_k=0)
     assert caught.value.body["error"]["param"] == "top_k"
+
+
+# --- Haystack's JinaRanker (jina-haystack): the Jina dialect, and `detail` on errors ------------------------
+
+
+@pytest.fixture
+def jina_ranker(url, monkeypatch):
+    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")
+    from haystack.utils import Secret
+    from haystack_integrations.components.rankers.jina import JinaRanker
+
+    def make(model: str = MODEL, top_k: int | None = None):
+        return JinaRanker(
+            model=model, api_key=Secret.from_token(API_KEY), top_k=top_k, base_url=f"{url}/v1/rerank"
+        )
+
+    return make
+
+
+def test_haystack_jina_ranker_ranks_documents(jina_ranker, raw_of):
+    from haystack import Document
+
+    documents = [Document(content=text) for text in DOCS]
+    out = jina_ranker(top_k=2).run(query=QUERY, documents=documents)
+    raw = raw_of(DOCS)
+    best = best_first(raw)[:2]
+    assert [d.content for d in out["documents"]] == [DOCS[i] for i in best]
+    for d, i in zip(out["documents"], best, strict=True):
+        assert d.score == pytest.approx(normalize_score(raw[i], ESTIMATED_MAX), abs=1e-5)
+    assert out["meta"]["usage"]["prompt_tokens"] > 0
+
+    async_out = asyncio.run(jina_ranker(top_k=2).run_async(query=QUERY, documents=documents))
+    assert [d.content for d in async_out["documents"]] == [DOCS[i] for i in best]
+
+
+def test_haystack_jina_ranker_raises_the_servers_message_from_detail(jina_ranker):
+    from haystack import Document
+
+    # Before `detail`, this was `KeyError: 'detail'`: the integration raises resp["detail"].
+    with pytest.raises(RuntimeError, match="gpt-4"):
+        jina_ranker(model="gpt-4").run(query=QUERY, documents=[Document(content=DOCS[0])])
