@@ -133,3 +133,19 @@ def test_sdk_raises_bad_request_for_empty_documents(url):
     with pytest.raises(cohere.errors.BadRequestError) as info:
         co.rerank(query=QUERY, documents=[])
     assert info.value.body["error"]["param"] == "documents"
+
+
+def test_v1_client_max_chunks_per_doc_of_100_is_capped_not_refused(url, expected):
+    # Cohere documents max_chunks_per_doc as a maximum (documents x chunks < 10,000); 100 used to be a 400.
+    co = cohere.Client(base_url=url, api_key=API_KEY)
+    response = co.rerank(query=QUERY, documents=DOCS, max_chunks_per_doc=100)
+    assert [r.index for r in response.results] == best_first(expected)
+    for r in response.results:
+        assert r.relevance_score == pytest.approx(expected[r.index], abs=1e-5)
+
+
+def test_v1_client_documents_times_chunks_over_ten_thousand_is_a_bad_request(url):
+    co = cohere.Client(base_url=url, api_key=API_KEY)
+    with pytest.raises(cohere.errors.BadRequestError) as caught:
+        co.rerank(query=QUERY, documents=["short"] * 200, max_chunks_per_doc=100)
+    assert caught.value.body["error"]["code"] == "too_many_chunks"
