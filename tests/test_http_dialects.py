@@ -591,3 +591,31 @@ def test_infinity_models_lists_the_served_names(client, path):
     assert ALIAS in ids
     assert all(m["object"] == "model" and "rerank" in m["capabilities"] for m in body["data"])
     assert body["data"][0]["backend"]
+
+
+# --- the registry -----------------------------------------------------------------------------------------
+
+
+def test_every_rerank_route_has_a_dialect_for_every_body_and_names_are_the_metrics_labels():
+    from gateway.dialects import NAMES, PATHS, REGISTRY, detect, served_at
+    from gateway.observability import DIALECTS
+
+    assert DIALECTS == NAMES
+    assert len(set(NAMES)) == len(REGISTRY)
+    assert set(PATHS) == {p for d in REGISTRY for p in d.paths}
+    for path in PATHS:
+        assert served_at(path)
+        for payload in ({}, {"texts": ["a"]}, {"rank_fields": ["t"]}):
+            assert detect(path, payload, {}) in served_at(path)
+    assert detect("/v1/rerank", {}, {"x-fern-sdk-name": "cohere"}).name == "cohere-v1"
+    assert detect("/v1/rerank", {}, {}).name == "jina"
+    assert detect("/rerank", {"texts": []}, {}).name == "tei"
+    assert detect("/rerank", {}, {"x-rerank-dialect": "Mixedbread"}).name == "mixedbread"
+
+
+def test_requests_are_counted_under_their_dialects_name(client):
+    post(client, "/v1/reranking", {"query": QUERY, "input": DOCS})
+    post(client, "/score", {"text_1": QUERY, "text_2": DOCS})
+    text = client.get("/metrics").text
+    assert 'rerank_requests_total{dialect="mixedbread",route="/v1/reranking",status="200"}' in text
+    assert 'rerank_requests_total{dialect="vllm-score",route="/score",status="200"}' in text
