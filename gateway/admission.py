@@ -54,8 +54,8 @@ class AdmissionControl:
             return "active_requests", message, retry_after_s
         if queue is not None and queue.is_full():
             message = (
-                "the scoring queue is full (RERANK_MAX_QUEUED_TOKENS); retry after the Retry-After header "
-                "or send fewer documents"
+                "the scoring queue is full (RERANK_MAX_QUEUED_TOKENS, RERANK_MAX_QUEUE_DELAY_MS); retry "
+                "after the Retry-After header or send fewer documents"
             )
             return "queue_full", message, queue.retry_after_s()
         return None

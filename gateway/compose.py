@@ -321,6 +321,7 @@ def build_scheduler(settings: Settings, engine: Engine) -> Scheduler:
         max_queued_tokens=settings.max_queued_tokens,
         max_wait_ms=settings.max_wait_ms,
         request_timeout_ms=settings.request_timeout_ms,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
         observer=SCHEDULER_OBSERVER,
     )
 

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="Rerank requests inside the app at once (read, parsed, queued or scored); beyond it, "
         "429 before the body is read.",
     )
+    max_queue_delay_ms: float = Field(
+        1_000.0,
+        gt=0,
+        description="Once throughput is measured, the queue refuses work (429) while what it holds takes "
+        "longer than this to score.",
+    )
     request_timeout_ms: int = Field(60_000, ge=1, description="A request's deadline in the queue (503).")
     drain_timeout_s: float = Field(30.0, ge=0)
 

@@ -163,13 +163,16 @@ class Scheduler:
         max_queued_tokens: int | None = None,
         max_wait_ms: float = 2.0,
         request_timeout_ms: int = 60_000,
+        max_queue_delay_ms: float | None = None,
         budget: BatchBudget | None = None,
         batches_ahead: int = 1,
         observer: SchedulerObserver | None = None,
     ) -> None:
         """`budget` defaults to the engine's run budget; `max_queued_tokens` to DEFAULT_QUEUED_RUNS of it
-        per concurrent batch. `batches_ahead` full batches may wait at a busy engine, so it starts the next
-        one the moment it is free (a partial batch waits in the queue, where it can still gain company)."""
+        per concurrent batch. Once a throughput is measured, the queue also refuses work while what it holds
+        takes longer than `max_queue_delay_ms` to drain (unset: the request timeout). `batches_ahead` full
+        batches may wait at a busy engine, so it starts the next one the moment it is free (a partial batch
+        waits in the queue, where it can still gain company)."""
         info = engine.info
         self.budget = budget or info.budget
         self.max_concurrent_batches = max(1, info.max_concurrent_batches)
@@ -188,6 +191,8 @@ class Scheduler:
         self.max_queued_tokens = max_queued_tokens
         self.max_wait_ms = float(max_wait_ms)
         self.request_timeout_ms = request_timeout_ms
+        delay_ms = min(max_queue_delay_ms or request_timeout_ms, request_timeout_ms)
+        self.max_queue_delay_s = delay_ms / 1000.0
         self.batches_ahead = batches_ahead
         self._observer: SchedulerObserver = observer or NullObserver()
 
@@ -204,6 +209,7 @@ class Scheduler:
         self._idle.set()
 
         self._history: deque[_BatchRecord] = deque(maxlen=THROUGHPUT_WINDOW_BATCHES)
+        self._throughput: float | None = None  # recomputed when a batch ends: admission reads it per request
         self._batches = 0
         self._failed_batches = 0
         self._entries_scored = 0
@@ -257,7 +263,10 @@ class Scheduler:
 
     def is_full(self) -> bool:
         """True when no request could be admitted now (the cheap check the HTTP edge makes first)."""
-        return self._draining or self._queued_tokens >= self.max_queued_tokens
+        if self._draining or self._queued_tokens >= self.max_queued_tokens:
+            return True
+        drain_s = self.drain_time_s()
+        return drain_s is not None and drain_s > self.max_queue_delay_s
 
     def admit(self, tokens: int) -> None:
         """Raise Overloaded unless a request of `tokens` tokens fits the queue now."""
@@ -272,11 +281,12 @@ class Scheduler:
                 retry_after_s=self.retry_after_s(),
             )
         drain_s = self.drain_time_s()
-        if drain_s is not None and drain_s * 1000.0 > self.request_timeout_ms:
+        if drain_s is not None and drain_s > self.max_queue_delay_s:
             self._reject("drain_time")
             raise Overloaded(
-                f"the queued work takes about {drain_s:.1f} s at the measured rate, longer than a request "
-                f"may wait ({self.request_timeout_ms} ms); retry later",
+                f"the queued work takes about {drain_s:.2f} s at the measured rate, longer than a request "
+                f"may wait in the queue ({self.max_queue_delay_s * 1000:.0f} ms, RERANK_MAX_QUEUE_DELAY_MS); "
+                "retry later",
                 retry_after_s=self.retry_after_s(),
             )
 
@@ -330,8 +340,7 @@ class Scheduler:
 
     def throughput_tokens_per_s(self) -> float | None:
         """Tokens scored per second of engine time over the recent batches, or None before the first."""
-        busy_s = self._busy_s()
-        return sum(r.tokens for r in self._history) / busy_s if busy_s else None
+        return self._throughput
 
     def drain_time_s(self) -> float | None:
         """How long the queued tokens take at the measured throughput (None before any measurement)."""
@@ -356,6 +365,7 @@ class Scheduler:
             "queued_pairs": self._queued_entries,
             "queued_tokens": self._queued_tokens,
             "max_queued_tokens": self.max_queued_tokens,
+            "max_queue_delay_ms": self.max_queue_delay_s * 1000.0,
             "running_batches": self._running,
             "max_concurrent_batches": self.max_concurrent_batches,
             "max_batch_tokens": self.budget.max_tokens,
@@ -568,10 +578,13 @@ class Scheduler:
             self._fail_request(request, error)
 
     def _engine_failed(self, exc: EngineError) -> None:
-        self._observer.engine_failed(self.engine_name, error_kind(exc))
+        if not exc.reported:  # a router reported it already, under the engine that failed
+            self._observer.engine_failed(self.engine_name, error_kind(exc))
 
     def _record(self, batch: _Batch, started_s: float, finished_s: float) -> None:
         self._history.append(_BatchRecord(started_s, finished_s, batch.tokens))
+        busy_s = self._busy_s()
+        self._throughput = sum(r.tokens for r in self._history) / busy_s if busy_s else None
         self._batches += 1
         self._entries_scored += batch.entries
         self._unique_scored += len(batch.prompts)

@@ -478,6 +478,27 @@ async def test_full_queue_is_overloaded_with_retry_after_from_the_measured_drain
     assert s.stats()["rejected_requests"] == 2
 
 
+async def test_queue_refuses_work_it_cannot_drain_within_max_queue_delay_ms(engine, builder):
+    s = scheduler(engine, max_wait_ms=0, max_queue_delay_ms=1.0)
+    try:
+        await s.score(request(builder, 57, 2))  # measures a throughput
+        assert s.throughput_tokens_per_s() > 0
+        held = await hold_in_flight(s, engine, request(builder, 58, 2))
+        queued = asyncio.create_task(s.score(request(builder, 59, 64, words=40)))
+        await until(lambda: s.stats()["queued_pairs"] == 64)
+        assert s.drain_time_s() > 0.001
+        assert s.is_full()  # what admission asks before reading a body
+        before = sample("rerank_rejected_requests_total", reason="drain_time")
+        with pytest.raises(Overloaded, match="RERANK_MAX_QUEUE_DELAY_MS"):
+            await s.score(request(builder, 60, 1))
+        assert sample("rerank_rejected_requests_total", reason="drain_time") == before + 1
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(held, queued), 30)
+        assert not s.is_full()  # the queue drained
+    finally:
+        await s.close()
+
+
 async def test_a_request_larger_than_the_queue_limit_is_taken_when_the_queue_is_empty(engine, builder):
     prompts = request(builder, 56, 6)
     s = scheduler(engine, max_wait_ms=0, max_queued_tokens=4, max_batch_pairs=4)
