@@ -632,27 +632,19 @@ async def test_router_reports_errors_fallbacks_circuit_and_health_to_its_observe
 
 async def test_a_failing_fallback_is_counted_once_under_its_own_name(prompts, onnx):
     """Behind the scheduler too: the error that leaves the router was reported already, under the fallback."""
-    from gateway.coalescer import Coalescer
-    from gateway.errors import GatewayError
+    from gateway.scheduler import Scheduler
 
     fallback = RecordingEngine(onnx, fail=lambda n, _: EngineFailure("the fallback broke"))
     with http_peer() as peer:  # healthy /health, HTTP 500 on every /classify
         router = routed(vllm(peer.url), fallback, failure_threshold=100)
-        scheduler = Coalescer(
-            router,
-            max_batch_tokens=1_000_000,
-            max_batch_pairs=1_000,
-            max_wait_ms=1.0,
-            max_queued_pairs=1_000,
-            request_timeout_ms=30_000,
-        )
+        scheduler = Scheduler(router, max_wait_ms=1.0, observer=metrics.SCHEDULER_OBSERVER)
         await router.start()
         await scheduler.start()
         primary = sample(metrics.ENGINE_ERRORS, engine="vllm", kind="failure")
         secondary = sample(metrics.ENGINE_ERRORS, engine="onnx", kind="failure")
         try:
             for _ in range(3):
-                with pytest.raises(GatewayError):
+                with pytest.raises(EngineFailure, match="the fallback broke"):
                     await scheduler.score(prompts)
         finally:
             await scheduler.close()
