@@ -1,6 +1,6 @@
 """The batching scheduler and admission, on the real ONNX engine serving the tiny prepared model.
 
-The engine is wrapped only to watch it: `WatchedEngine` records the prompts of every call (to count calls
+The engine is wrapped only to watch it: `RecordingEngine` records the prompts of every call (to count calls
 and see batch composition) and can hold a batch at a gate, which plays a deliberately slow engine so the
 queue fills deterministically. Every score still comes from onnxruntime, and every batched answer is
 compared with the same engine scoring that request alone (fp32 graph: batch-invariant).
@@ -13,8 +13,7 @@ import gc
 import json
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import httpx
 import pytest
@@ -26,12 +25,12 @@ from core.batching import BatchBudget
 from core.contract import Prompt, PromptBuilder
 from core.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from core.ranking import rank_indices
-from engines.base import EngineRejected, EngineUnavailable, Scored
+from engines.base import EngineRejected, EngineUnavailable
 from gateway import metrics
 from gateway.disconnect import ClientDisconnected, run_until_disconnected
 from gateway.errors import GatewayError, from_domain_error
 from gateway.scheduler import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, UNMEASURED_RETRY_AFTER_S, Scheduler
-from tests.fakes import DelegatingEngine
+from tests.fakes import RecordingEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -48,47 +47,9 @@ def text(seed: int, n_words: int) -> str:
     return " ".join(words[(seed * 7 + i * (seed % 5 + 1)) % len(words)] for i in range(n_words)) + f" #{seed}"
 
 
-class WatchedEngine(DelegatingEngine):
-    """The real engine, recording each call's prompts; a closed gate holds batches (a slow engine)."""
-
-    def __init__(
-        self, inner, *, fail: Callable[[int, Sequence[Prompt]], Exception | None] | None = None
-    ) -> None:
-        super().__init__(inner)
-        self.calls: list[tuple[Prompt, ...]] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.entered = asyncio.Event()
-        self._fail = fail
-
-    async def close(self) -> None:
-        """The inner engine is shared by the module's tests and closed by its fixture."""
-
-    async def score(self, prompts: Sequence[Prompt]) -> Scored:
-        self.calls.append(tuple(prompts))
-        self.entered.set()
-        await self.gate.wait()
-        if self._fail is not None and (exc := self._fail(len(self.calls), prompts)) is not None:
-            raise exc
-        return await self.inner.score(prompts)
-
-    def seen(self) -> list[Prompt]:
-        return [p for call in self.calls for p in call]
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def onnx_engine(tiny_model_dir: Path):
-    from engines.onnx_engine import OnnxEngine
-
-    engine = OnnxEngine(tiny_model_dir, quantization="fp32")
-    await engine.start()
-    yield engine
-    await engine.close()
-
-
 @pytest.fixture
-def engine(onnx_engine) -> WatchedEngine:
-    return WatchedEngine(onnx_engine)
+def engine(onnx_engine) -> RecordingEngine:
+    return RecordingEngine(onnx_engine)
 
 
 @pytest.fixture
@@ -117,7 +78,7 @@ def request(builder: PromptBuilder, seed: int, n_docs: int, *, words: int = 6) -
     )
 
 
-async def alone(engine: WatchedEngine, prompts: Sequence[Prompt]) -> list[float]:
+async def alone(engine: RecordingEngine, prompts: Sequence[Prompt]) -> list[float]:
     """The unbatched answer: the inner engine scoring this request by itself."""
     return (await engine.inner.score(list(prompts))).scores
 
@@ -128,7 +89,7 @@ def assert_close(got: Sequence[float], want: Sequence[float]) -> None:
         assert abs(g - w) <= TOLERANCE, (got, want)
 
 
-async def hold_in_flight(s: Scheduler, engine: WatchedEngine, prompts: list[Prompt]) -> asyncio.Task:
+async def hold_in_flight(s: Scheduler, engine: RecordingEngine, prompts: list[Prompt]) -> asyncio.Task:
     """Start a request and wait until its batch sits in the engine, held at the closed gate."""
     engine.gate.clear()
     engine.entered.clear()
@@ -513,7 +474,7 @@ async def test_a_request_larger_than_the_queue_limit_is_taken_when_the_queue_is_
 
 
 async def test_failed_batch_fails_only_its_own_requests(onnx_engine, builder):
-    engine = WatchedEngine(
+    engine = RecordingEngine(
         onnx_engine, fail=lambda n, _: EngineUnavailable("sidecar down") if n == 1 else None
     )
     first, second = request(builder, 60, 4), request(builder, 61, 4)
@@ -540,7 +501,7 @@ async def test_a_prompt_the_engine_rejects_fails_only_the_request_that_sent_it(o
     def reject(_: int, prompts: Sequence[Prompt]) -> Exception | None:
         return EngineRejected("prompt too long") if any(p.document == poison for p in prompts) else None
 
-    engine = WatchedEngine(onnx_engine, fail=reject)
+    engine = RecordingEngine(onnx_engine, fail=reject)
     bad = builder.build("q", [text(70, 4), poison])
     good = request(builder, 71, 3)
     s = scheduler(engine, max_wait_ms=50)
