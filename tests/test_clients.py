@@ -3,7 +3,9 @@
 `Mixedbread(base_url=URL).rerank(...)` posts to URL + `/v1/reranking` with `Authorization: Bearer <api_key>`
 and parses the answer into its own `RerankResponse` (pydantic): the shape is checked by the SDK itself.
 Haystack's `JinaRanker` (jina-haystack) posts the Jina dialect to the URL it is given and raises
-`RuntimeError(resp["detail"])` on errors.
+`RuntimeError(resp["detail"])` on errors. LiteLLM's `cohere/` provider sends no Cohere SDK headers (so
+`/v1/rerank` answers the Jina shape, which must carry `meta`), its `infinity/` provider reads `document` as a
+string (the `/infinity` base URL), and `hosted_vllm/` posts vLLM's `/rerank`.
 """
 
 from __future__ import annotations
@@ -170,3 +172,54 @@ def test_haystack_jina_ranker_raises_the_servers_message_from_detail(jina_ranker
     # Before `detail`, this was `KeyError: 'detail'`: the integration raises resp["detail"].
     with pytest.raises(RuntimeError, match="gpt-4"):
         jina_ranker(model="gpt-4").run(query=QUERY, documents=[Document(content=DOCS[0])])
+
+
+# --- LiteLLM: its cohere/ (no SDK headers: the Jina shape with Cohere's meta), infinity/, hosted_vllm/ ---
+
+
+@pytest.fixture(scope="module")
+def litellm_module():
+    import os
+
+    # The model cost map ships with the package: no download at import.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def test_litellm_cohere_provider_gets_meta_without_the_sdks_headers(url, raw_of, litellm_module):
+    response = litellm_module.rerank(
+        model=f"cohere/{MODEL}", api_base=f"{url}/v1/rerank", api_key=API_KEY, query=QUERY, documents=DOCS
+    )
+    raw = raw_of(DOCS)
+    assert [r["index"] for r in response.results] == best_first(raw)
+    for r in response.results:
+        assert r["relevance_score"] == pytest.approx(
+            normalize_score(raw[r["index"]], ESTIMATED_MAX), abs=1e-5
+        )
+    assert response.meta["api_version"] == {"version": "1"}
+    assert response.meta["billed_units"] == {"search_units": 1}
+
+
+def test_litellm_infinity_provider_reads_documents_as_strings(url, raw_of, litellm_module):
+    response = litellm_module.rerank(
+        model=f"infinity/{MODEL}",
+        api_base=f"{url}/infinity",
+        api_key=API_KEY,
+        query=QUERY,
+        documents=DOCS,
+        top_n=2,
+        return_documents=True,
+    )
+    best = best_first(raw_of(DOCS))[:2]
+    assert [r["index"] for r in response.results] == best
+    assert [r["document"]["text"] for r in response.results] == [DOCS[i] for i in best]
+    assert response.meta["tokens"]["input_tokens"] > 0
+
+
+def test_litellm_hosted_vllm_provider_reranks(url, raw_of, litellm_module):
+    response = litellm_module.rerank(
+        model=f"hosted_vllm/{MODEL}", api_base=url, api_key=API_KEY, query=QUERY, documents=DOCS, top_n=3
+    )
+    assert [r["index"] for r in response.results] == best_first(raw_of(DOCS))[:3]
