@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -147,18 +148,31 @@ class QueryIds:
 
 
 @dataclass(frozen=True, slots=True)
+class TextPositions:
+    """Where each body id starts in its text: the tokenizer's offsets of one encoding, read only for a cut."""
+
+    encoding: Any  # tokenizers.Encoding of the whole `document: {text}` string
+    first: int  # index in the encoding of body id 0
+    shift: int  # characters of the encoded string before the text (the template, then the cut's start)
+
+    def __call__(self, i: int) -> int:
+        return max(0, self.encoding.token_to_chars(self.first + i)[0] - self.shift)
+
+
+@dataclass(frozen=True, slots=True)
 class DocumentIds:
     """A document as the contract tokenizes it (`document: {text}`, one piece): the template's `head` ids,
-    then the text's own ids (`body`) with the character where each one starts in `text`.
+    then the text's own ids (`body`).
 
     Caps and chunks cut `body`, never the text: a cut is a slice of ids, and its `text` is the document sliced
-    at those ids' start characters (to name what was kept; the reference engine reads it), never re-tokenized.
+    at the kept ids' start characters (the tokenizer's offsets, once; it names what was kept, and the
+    reference engine reads it), never tokenized again.
     """
 
     text: str
     head: tuple[int, ...]
     body: tuple[int, ...]
-    starts: tuple[int, ...]
+    positions: TextPositions = field(repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.body)
@@ -169,10 +183,11 @@ class DocumentIds:
         start, stop, _ = slice(start, stop).indices(n)
         if start == 0 and stop == n:
             return self
-        a = 0 if start == 0 else self.starts[start]
-        b = len(self.text) if stop >= n else self.starts[stop]
-        starts = tuple(max(0, s - a) for s in self.starts[start:stop])
-        return DocumentIds(self.text[a:b], self.head, self.body[start:stop], starts)
+        pos = self.positions
+        a = 0 if start == 0 else pos(start)
+        b = len(self.text) if stop >= n else pos(stop)
+        moved = TextPositions(pos.encoding, pos.first + start, pos.shift + a)
+        return DocumentIds(self.text[a:b], self.head, self.body[start:stop], moved)
 
     def first(self, n: int) -> DocumentIds:
         """The first `n` body ids."""
@@ -281,12 +296,12 @@ class PromptBuilder:
         )
         out = []
         for text, enc in zip(documents, encodings, strict=True):
-            ids, offsets = enc.ids, enc.offsets
+            ids = enc.ids
+            # Offsets are read per id (token_to_chars): the whole list would cost more than the ids.
             k = 0
-            while k < len(ids) and offsets[k][1] <= head_chars:
+            while k < len(ids) and enc.token_to_chars(k)[1] <= head_chars:
                 k += 1
-            starts = tuple(max(0, s - text_start) for s, _ in offsets[k:])
-            out.append(DocumentIds(text, tuple(ids[:k]), tuple(ids[k:]), starts))
+            out.append(DocumentIds(text, tuple(ids[:k]), tuple(ids[k:]), TextPositions(enc, k, text_start)))
         return out
 
     def _caps(self, query: QueryIds) -> tuple[int, int]:
