@@ -3,6 +3,11 @@
 fp32 prompts are sorted by length and cut into sub-batches under a padded-token budget, left padded (the
 graph derives positions from the mask, so padding does not change a score); int8 prompts run one per call
 (see `rows_per_run`). Everything runs on one executor thread and scores come back in input order.
+
+A folder exported with the chunk graph (model.chunk.onnx, model.int8.chunk.onnx) is served from it alone:
+short prompts as above with no past, and prompts over `long_prompt_tokens` alone by chunked prefill (see
+`score_chunked`), so attention memory grows with chunk x prompt instead of prompt^2. Both graphs read the
+same weights, and only one session is loaded. Older folders are served from model.onnx, one-shot.
 """
 
 from __future__ import annotations
