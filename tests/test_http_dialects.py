@@ -619,3 +619,16 @@ def test_requests_are_counted_under_their_dialects_name(client):
     text = client.get("/metrics").text
     assert 'rerank_requests_total{dialect="mixedbread",route="/v1/reranking",status="200"}' in text
     assert 'rerank_requests_total{dialect="vllm-score",route="/score",status="200"}' in text
+
+
+def test_every_dialects_openapi_example_is_answered_in_its_response_model(client):
+    from gateway.dialects import REGISTRY, detect
+
+    spec = client.get("/openapi.json").json()
+    for dialect in REGISTRY:
+        path = dialect.paths[0]
+        examples = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        assert examples[dialect.name]["value"] == dialect.example
+        assert detect(path, dialect.example, {"x-rerank-dialect": dialect.name}) is dialect
+        body = post(client, path, dialect.example, **{"x-rerank-dialect": dialect.name}).json()
+        dialect.response_model.model_validate(body)
