@@ -222,12 +222,16 @@ class RoutedEngine:
         primary_ok, fallback_ok = await asyncio.gather(self.primary.health(), self.fallback.health())
         self.observer.engine_health(self._primary_name, primary_ok)
         self.observer.engine_health(self._fallback_name, fallback_ok)
+        primary: dict[str, Any] = {
+            "engine": self._primary_name,
+            "healthy": primary_ok,
+            "precision": self.primary.info.precision,
+        }
+        backend_status = getattr(self.primary, "backend_status", None)
+        if callable(backend_status):  # a pool of vLLM backends: each one's state
+            primary["backends"] = backend_status()
         return {
-            "primary": {
-                "engine": self._primary_name,
-                "healthy": primary_ok,
-                "precision": self.primary.info.precision,
-            },
+            "primary": primary,
             "fallback": {
                 "engine": self._fallback_name,
                 "healthy": fallback_ok,

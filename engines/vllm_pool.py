@@ -19,9 +19,16 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from core.contract import Prompt
-from engines.base import EngineError, EngineInfo, EngineRejected, EngineUnavailable, Scored
-from engines.router import CircuitBreaker, CircuitState
-from engines.router import _error_kind as error_kind
+from engines.base import (
+    CircuitState,
+    EngineError,
+    EngineInfo,
+    EngineRejected,
+    EngineUnavailable,
+    Scored,
+    error_kind,
+)
+from engines.router import CircuitBreaker
 from engines.vllm_engine import NAME, VllmEngine
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from engines.onnx_engine import OnnxEngine
     from engines.reference import ReferenceEngine
     from engines.router import RoutedEngine
-    from engines.vllm_engine import VllmEngine
     from gateway.config import EngineName, Settings
     from gateway.scheduler import Scheduler
     from gateway.service import RerankLimits, RerankOutcome, RerankService
@@ -128,19 +127,36 @@ def build_reference(settings: Settings, model_dir: Path | None) -> ReferenceEngi
     )
 
 
-def build_vllm(settings: Settings) -> VllmEngine:
+def build_vllm(settings: Settings) -> Engine:
+    """The vLLM sidecar engine; with several comma-separated URLs, a pool balancing across them."""
     from engines.vllm_engine import DEFAULT_HEALTH_TIMEOUT_MS, VllmEngine
+    from engines.vllm_pool import VllmPool, parse_urls
 
     if not settings.vllm_url:
         raise ValueError("the vllm engine needs the sidecar's URL: set RERANK_VLLM_URL")
-    return VllmEngine(
-        settings.vllm_url,
-        model=settings.vllm_model or settings.model,
-        api_key=settings.vllm_api_key,
-        connect_timeout_ms=settings.vllm_connect_timeout_ms,
-        request_timeout_ms=settings.vllm_request_timeout_ms,
-        health_timeout_ms=min(DEFAULT_HEALTH_TIMEOUT_MS, settings.vllm_request_timeout_ms),
-        max_connections=settings.vllm_max_connections,
+    urls = parse_urls(settings.vllm_url)
+    backends = [
+        VllmEngine(
+            url,
+            model=settings.vllm_model or settings.model,
+            api_key=settings.vllm_api_key,
+            connect_timeout_ms=settings.vllm_connect_timeout_ms,
+            request_timeout_ms=settings.vllm_request_timeout_ms,
+            health_timeout_ms=min(DEFAULT_HEALTH_TIMEOUT_MS, settings.vllm_request_timeout_ms),
+            max_connections=settings.vllm_max_connections,
+        )
+        for url in urls
+    ]
+    if len(backends) == 1:
+        return backends[0]
+    from gateway.metrics import POOL_OBSERVER
+
+    return VllmPool(
+        backends,
+        failure_threshold=settings.breaker_failure_threshold,
+        reset_ms=settings.breaker_reset_ms,
+        probe_interval_ms=settings.health_probe_interval_ms,
+        observer=POOL_OBSERVER,
     )
 
 

@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     )
     onnx_intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose (one per core).")
     onnx_inter_op_threads: int = Field(1, ge=0)
-    vllm_url: str | None = Field(None, description="Base URL of the vLLM sidecar, e.g. http://vllm:8000.")
+    vllm_url: str | None = Field(
+        None,
+        description="Base URL of the vLLM sidecar, e.g. http://vllm:8000; several comma-separated URLs make "
+        "a pool (each batch to the backend with the fewest tokens in flight, retried on another on failure).",
+    )
     vllm_model: str | None = Field(None, description="Model name the sidecar serves; defaults to `model`.")
     vllm_api_key: str | None = None
     vllm_connect_timeout_ms: int = Field(2_000, ge=1)

@@ -154,6 +154,58 @@ class PrometheusEngineObserver:
 
 ENGINE_OBSERVER = PrometheusEngineObserver()
 
+# The vLLM backend pool (RERANK_VLLM_URL with several URLs): one label value per configured backend.
+BACKEND_BATCHES = Counter(
+    "rerank_vllm_backend_batches_total",
+    "Batches sent to each vLLM backend of the pool, by outcome (ok, timeout, unavailable, failure, "
+    "rejected).",
+    ["backend", "outcome"],
+    registry=REGISTRY,
+)
+BACKEND_PROMPTS = Counter(
+    "rerank_vllm_backend_prompts_total",
+    "Prompts scored by each vLLM backend of the pool.",
+    ["backend"],
+    registry=REGISTRY,
+)
+BACKEND_OUTSTANDING_TOKENS = Gauge(
+    "rerank_vllm_backend_outstanding_tokens",
+    "Tokens in flight on each vLLM backend (the pool sends a batch to the backend with the fewest).",
+    ["backend"],
+    registry=REGISTRY,
+)
+BACKEND_HEALTHY = Gauge(
+    "rerank_vllm_backend_healthy",
+    "1 when the vLLM backend's last health check passed.",
+    ["backend"],
+    registry=REGISTRY,
+)
+BACKEND_CIRCUIT = Gauge(
+    "rerank_vllm_backend_circuit_state",
+    "Each vLLM backend's circuit breaker: 0 closed, 1 half-open, 2 open.",
+    ["backend"],
+    registry=REGISTRY,
+)
+
+
+class PrometheusPoolObserver:
+    """The vLLM pool's per-backend events (engines.vllm_pool.PoolObserver) as rerank_vllm_backend_*."""
+
+    def backend_batch(self, backend: str, prompts: int, tokens: int, outcome: str) -> None:
+        BACKEND_BATCHES.labels(backend, outcome).inc()
+        if outcome == "ok":
+            BACKEND_PROMPTS.labels(backend).inc(prompts)
+
+    def backend_state(self, backend: str, healthy: bool, circuit: CircuitState) -> None:
+        BACKEND_HEALTHY.labels(backend).set(int(healthy))
+        BACKEND_CIRCUIT.labels(backend).set(circuit.value)
+
+    def backend_outstanding(self, backend: str, tokens: int) -> None:
+        BACKEND_OUTSTANDING_TOKENS.labels(backend).set(tokens)
+
+
+POOL_OBSERVER = PrometheusPoolObserver()
+
 QUEUE_TOKENS = Gauge(
     "rerank_queue_depth_tokens",
     "Tokens waiting in the scheduler queue (what RERANK_MAX_QUEUED_TOKENS bounds).",

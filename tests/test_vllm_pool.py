@@ -11,8 +11,7 @@ import asyncio
 import pytest
 
 from core.contract import Prompt
-from engines.base import EngineInfo, EngineRejected, EngineTimeout, EngineUnavailable, Scored
-from engines.router import CircuitState
+from engines.base import CircuitState, EngineInfo, EngineRejected, EngineTimeout, EngineUnavailable, Scored
 from engines.vllm_pool import VllmPool, backend_label, parse_urls
 
 
@@ -208,3 +207,71 @@ async def test_observer_sees_per_backend_batches_and_states():
         assert ("state", "127.0.0.1:1", True, CircuitState.OPEN) in events
     finally:
         await pool.close()
+
+
+def test_compose_builds_a_pool_for_several_urls_and_a_plain_engine_for_one():
+    from engines.vllm_engine import VllmEngine
+    from gateway.compose import build_vllm
+    from gateway.config import Settings
+
+    one = build_vllm(Settings(vllm_url="http://127.0.0.1:8001", _env_file=None))
+    assert isinstance(one, VllmEngine)
+    pool = build_vllm(Settings(vllm_url="http://127.0.0.1:8001, http://127.0.0.1:8002/", _env_file=None))
+    assert isinstance(pool, VllmPool)
+    assert pool.backends == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert pool.info.max_concurrent_batches == 2 * one.info.max_concurrent_batches
+    with pytest.raises(ValueError, match="twice"):
+        build_vllm(Settings(vllm_url="http://127.0.0.1:8001,http://127.0.0.1:8001", _env_file=None))
+
+
+async def test_ready_status_lists_each_backend_behind_the_router():
+    from engines.router import RoutedEngine
+
+    a, b = Backend(1), Backend(2)
+    b.up = False
+    fallback = Backend(3)
+    fallback.info = EngineInfo(name="onnx", padded=True, max_batch_tokens=4096, max_batch_pairs=16)
+    router = RoutedEngine(VllmPool([a, b], probe_interval_ms=60_000), fallback, probe_interval_ms=60_000)
+    await router.start()
+    try:
+        status = await router.status()
+        backends = {s["url"]: s for s in status["primary"]["backends"]}
+        assert backends[a.base_url]["healthy"] is True
+        assert backends[a.base_url]["circuit"] == "closed"
+        assert backends[b.base_url]["healthy"] is False
+        assert backends[b.base_url]["circuit"] == "open"
+        assert status["primary"]["healthy"] is True  # one healthy backend keeps the pool serving
+        assert (await router.score([prompt(3)])).engine == "vllm"
+        assert a.calls == 1
+    finally:
+        await router.close()
+
+
+def test_pool_metrics_carry_one_label_per_backend():
+    from gateway.metrics import REGISTRY, PrometheusPoolObserver
+
+    observer = PrometheusPoolObserver()
+    observer.backend_batch("10.0.0.1:8000", 3, 90, "ok")
+    observer.backend_batch("10.0.0.1:8000", 2, 50, "timeout")
+    observer.backend_state("10.0.0.1:8000", False, CircuitState.OPEN)
+    observer.backend_outstanding("10.0.0.1:8000", 0)
+    labels = {"backend": "10.0.0.1:8000"}
+    assert REGISTRY.get_sample_value("rerank_vllm_backend_prompts_total", labels) >= 3
+    assert (
+        REGISTRY.get_sample_value("rerank_vllm_backend_batches_total", {**labels, "outcome": "timeout"}) >= 1
+    )
+    assert REGISTRY.get_sample_value("rerank_vllm_backend_circuit_state", labels) == 2
+    assert REGISTRY.get_sample_value("rerank_vllm_backend_healthy", labels) == 0
+
+
+def test_cli_health_reports_each_backend_of_a_pool(capsys, monkeypatch):
+    import json
+
+    from gateway.cli import main
+
+    monkeypatch.setenv("RERANK_VLLM_URL", "http://127.0.0.1:9,http://127.0.0.1:10")
+    code = main(["vllm", "health", "--timeout-ms", "300"])
+    reports = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert [r["url"] for r in reports] == ["http://127.0.0.1:9", "http://127.0.0.1:10"]
+    assert all(r["health"] is None and "ConnectError" in r["error"] for r in reports)

@@ -82,20 +82,30 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
-    import httpx
-
+    from engines.vllm_pool import parse_urls
     from gateway.config import get_settings
 
     settings = get_settings()
-    url = args.url or settings.vllm_url
-    if not url:
+    value = args.url or settings.vllm_url
+    if not value:
         raise _VllmCommandError("no sidecar URL: pass --url or set RERANK_VLLM_URL")
-    url = url.rstrip("/")
-    timeout = args.timeout_ms / 1000
+    try:
+        urls = parse_urls(value)
+    except ValueError as exc:
+        raise _VllmCommandError(str(exc)) from exc
+    reports = [_health_report(url, args.timeout_ms / 1000, settings.vllm_api_key) for url in urls]
+    # One sidecar: its report; a pool (several comma-separated URLs): one report per backend.
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 0 if all(r.get("health") == 200 for r in reports) else 1
+
+
+def _health_report(url: str, timeout: float, api_key: str | None) -> dict[str, object]:
+    import httpx
+
     report: dict[str, object] = {"url": url}
     try:
         # /v1/models sits behind vLLM's --api-key; /health does not.
-        headers = {"Authorization": f"Bearer {settings.vllm_api_key}"} if settings.vllm_api_key else {}
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         with httpx.Client(timeout=timeout, headers=headers, trust_env=False) as client:
             health = client.get(f"{url}/health")
             report["health"] = health.status_code
@@ -109,5 +119,4 @@ def run_health(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         report["health"] = None
         report["error"] = repr(exc)
-    print(json.dumps(report, indent=2))
-    return 0 if report.get("health") == 200 else 1
+    return report
