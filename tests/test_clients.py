@@ -5,7 +5,8 @@ and parses the answer into its own `RerankResponse` (pydantic): the shape is che
 Haystack's `JinaRanker` (jina-haystack) posts the Jina dialect to the URL it is given and raises
 `RuntimeError(resp["detail"])` on errors. LiteLLM's `cohere/` provider sends no Cohere SDK headers (so
 `/v1/rerank` answers the Jina shape, which must carry `meta`), its `infinity/` provider reads `document` as a
-string (the `/infinity` base URL), and `hosted_vllm/` posts vLLM's `/rerank`.
+string (the `/infinity` base URL), and `hosted_vllm/` posts vLLM's `/rerank`. Haystack's
+`MixedbreadReranker` (mixedbread-ai-haystack) runs on the mixedbread SDK with a `base_url`.
 """
 
 from __future__ import annotations
@@ -223,3 +224,26 @@ def test_litellm_hosted_vllm_provider_reranks(url, raw_of, litellm_module):
         model=f"hosted_vllm/{MODEL}", api_base=url, api_key=API_KEY, query=QUERY, documents=DOCS, top_n=3
     )
     assert [r["index"] for r in response.results] == best_first(raw_of(DOCS))[:3]
+
+
+# --- Haystack's MixedbreadReranker (mixedbread-ai-haystack, on the mixedbread SDK) -------------------------
+
+
+def test_haystack_mixedbread_reranker_ranks_documents(url, raw_of, monkeypatch):
+    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")
+    from haystack import Document
+    from haystack.utils import Secret
+    from mixedbread_ai_haystack.rerankers import MixedbreadReranker
+
+    documents = [Document(content=text) for text in DOCS]
+    ranker = MixedbreadReranker(api_key=Secret.from_token(API_KEY), model=MODEL, top_k=2, base_url=url)
+    raw = raw_of(DOCS)
+    best = best_first(raw)[:2]
+    for out in (
+        ranker.run(documents=documents, query=QUERY),
+        asyncio.run(ranker.run_async(documents=documents, query=QUERY)),
+    ):
+        assert [d.content for d in out["documents"]] == [DOCS[i] for i in best]
+        for d, i in zip(out["documents"], best, strict=True):
+            assert d.meta["rerank_score"] == pytest.approx(normalize_score(raw[i], ESTIMATED_MAX), abs=1e-5)
+        assert out["meta"]["usage"]["prompt_tokens"] > 0
