@@ -5,9 +5,11 @@
   within a request's deadline. The HTTP edge asks the same numbers (`is_full`) before it reads a body.
 - The queue holds requests, each with its prompts not yet sent. A caller that goes away (cancelled,
   deadline) takes its entries out at once, so the queue's memory follows the live queue.
-- Fairness: a batch is filled request by request, starting with the request served least recently; every
-  request that gave prompts moves to the back. A request too large for the rest of a batch is skipped for
-  that batch, so a 2-document request is not held behind 1,000 long prompts of another one.
+- Fairness: a batch is filled request by request; batches start alternately with the requests not served
+  yet (arrival order) and with those already served (round robin: a request that gave prompts moves to the
+  back). A request too large for the rest of a batch is skipped for that batch, so a 2-document request is
+  not held behind 1,000 long prompts of another one.
+- A full batch is also sent ahead to a busy engine while batches are short (AHEAD_UNDER_S).
 - Batches are the engine's run size (`EngineInfo.budget`, cost by `core.batching.batch_cost`; each request's
   prompts are taken in the order `core.batching.plan_batches` gives), so a cancelled request's work stops at
   the next run. Identical prompts in a batch are scored once. A batch the engine rejects is retried request
@@ -50,6 +52,10 @@ MIN_RETRY_AFTER_S = 0.05
 MAX_RETRY_AFTER_S = 60.0
 # Throughput is measured over the most recent batches, so it follows load and engine changes.
 THROUGHPUT_WINDOW_BATCHES = 32
+# A full batch is sent ahead to a busy engine only while batches take less than this: the hop back to the
+# event loop it saves (up to the GIL's 5 ms switch interval) matters for short batches, and a long batch sent
+# ahead would make a newly arrived small request wait for two long batches instead of one.
+AHEAD_UNDER_S = 0.05
 # Default queue budget: this many full engine runs per concurrent batch slot.
 DEFAULT_QUEUED_RUNS = 8
 # Cancellation reasons counted as their own `dropped` reason (bounded label values).
@@ -196,8 +202,14 @@ class Scheduler:
         self.batches_ahead = batches_ahead
         self._observer: SchedulerObserver = observer or NullObserver()
 
-        # Requests with entries still queued; the first one is served first, then moves to the back.
-        self._queue: OrderedDict[_Request, None] = OrderedDict()
+        # Requests with entries still queued: those never served yet (in arrival order), and those served
+        # at least once (in round-robin order: a request that gave prompts to a batch moves to the back).
+        self._fresh: OrderedDict[_Request, None] = OrderedDict()
+        self._served: OrderedDict[_Request, None] = OrderedDict()
+        # Whether the last batch started with a request not served before, and which one (its id only: a
+        # reference would keep a withdrawn request's prompts alive).
+        self._last_started_fresh = False
+        self._last_starter = 0
         self._queued_entries = 0
         self._queued_tokens = 0
         self._running = 0
@@ -210,6 +222,7 @@ class Scheduler:
 
         self._history: deque[_BatchRecord] = deque(maxlen=THROUGHPUT_WINDOW_BATCHES)
         self._throughput: float | None = None  # recomputed when a batch ends: admission reads it per request
+        self._last_batch_s = 0.0
         self._batches = 0
         self._failed_batches = 0
         self._entries_scored = 0
@@ -251,7 +264,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         error = ShuttingDown("the gateway is shutting down; retry on another replica")
-        for request in list(self._queue):
+        for request in [*self._fresh, *self._served]:
             self._fail_request(request, error)
         self._check_idle()
 
@@ -318,7 +331,7 @@ class Scheduler:
             scores=[0.0] * n,
             remaining=n,
         )
-        self._queue[request] = None
+        self._fresh[request] = None
         self._queued_entries += n
         self._queued_tokens += tokens
         self._idle.clear()
@@ -361,7 +374,7 @@ class Scheduler:
             "engine": self.engine_name,
             "accepting": not self._draining,
             "draining": self._draining,
-            "queued_requests": len(self._queue),
+            "queued_requests": len(self._fresh) + len(self._served),
             "queued_pairs": self._queued_entries,
             "queued_tokens": self._queued_tokens,
             "max_queued_tokens": self.max_queued_tokens,
@@ -394,8 +407,9 @@ class Scheduler:
 
     def _withdraw(self, request: _Request, reason: str | None) -> None:
         """Take a request's queued entries out of the queue (its running ones are ignored when they end)."""
-        if request in self._queue:
-            del self._queue[request]
+        if request in self._fresh or request in self._served:
+            self._fresh.pop(request, None)
+            self._served.pop(request, None)
             left = len(request.pending)
             self._queued_entries -= left
             self._queued_tokens -= request.queued_tokens
@@ -413,7 +427,7 @@ class Scheduler:
             request.future.set_exception(error)
 
     def _check_idle(self) -> None:
-        if not self._queue and not self._running:
+        if not self._fresh and not self._served and not self._running:
             self._idle.set()
 
     def _busy_s(self) -> float:
@@ -434,9 +448,10 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._queue and not self._closed:
+        while (self._fresh or self._served) and not self._closed:
             running = self._running
-            if running >= self.max_concurrent_batches + self.batches_ahead:
+            ahead = self.batches_ahead if self._short_batches() else 0
+            if running >= self.max_concurrent_batches + ahead:
                 return
             full = (
                 self._queued_tokens >= self.budget.max_tokens or self._queued_entries >= self.budget.max_rows
@@ -444,20 +459,42 @@ class Scheduler:
             if running >= self.max_concurrent_batches and not full:
                 return  # a finishing batch pumps again
             if not (full or self._draining):
-                oldest_s = min(r.enqueued_s for r in self._queue)
+                oldest_s = min(r.enqueued_s for r in (*self._fresh, *self._served))
                 wait_s = oldest_s + self.max_wait_ms / 1000.0 - time.monotonic()
                 if wait_s > 0:
                     self._timer = asyncio.get_running_loop().call_later(wait_s, self._pump)
                     return
             self._launch(self._take())
 
+    def _short_batches(self) -> bool:
+        """Whether the last batch, and a full batch at the measured rate, take less than AHEAD_UNDER_S."""
+        throughput = self._throughput
+        full_s = self.budget.max_tokens / throughput if throughput else 0.0
+        return max(self._last_batch_s, full_s) < AHEAD_UNDER_S
+
     def _take(self) -> _Batch:
-        """The next batch: requests in turn, each giving prompts while they fit the run budget."""
+        """The next batch: requests in turn, each giving prompts while they fit the run budget.
+
+        Batches start alternately with the requests never served yet (so a small request that just came is
+        not held behind a quantum of every large one) and with those already served (so a stream of new
+        requests cannot starve a large one).
+        """
         budget = self.budget
         lengths: list[int] = []
         groups: dict[tuple[int, ...], list[tuple[_Request, int]]] = {}
         served: list[_Request] = []
-        for request in list(self._queue):
+        fresh, served_before = list(self._fresh), list(self._served)
+        # Served requests take the next start after a fresh one did, unless that fresh one is their head
+        # (a request's first batch was its own turn).
+        fresh_had_turn = (
+            bool(fresh and served_before)
+            and self._last_started_fresh
+            and id(served_before[0]) != self._last_starter
+        )
+        order = served_before + fresh if fresh_had_turn else fresh + served_before
+        self._last_started_fresh = bool(fresh) and order[0] is fresh[0]
+        self._last_starter = id(order[0])
+        for request in order:
             gave = False
             while request.pending:
                 i = request.pending[0]
@@ -481,10 +518,10 @@ class Scheduler:
             if len(lengths) >= budget.max_rows:
                 break
         for request in served:
+            self._fresh.pop(request, None)
+            self._served.pop(request, None)
             if request.pending:
-                self._queue.move_to_end(request)
-            else:
-                del self._queue[request]
+                self._served[request] = None
         batch = _make_batch(groups)
         self._queued_entries -= batch.entries
         self._queued_tokens -= batch.tokens
@@ -583,6 +620,7 @@ class Scheduler:
 
     def _record(self, batch: _Batch, started_s: float, finished_s: float) -> None:
         self._history.append(_BatchRecord(started_s, finished_s, batch.tokens))
+        self._last_batch_s = finished_s - started_s
         busy_s = self._busy_s()
         self._throughput = sum(r.tokens for r in self._history) / busy_s if busy_s else None
         self._batches += 1

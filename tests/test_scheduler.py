@@ -290,6 +290,25 @@ async def test_small_request_is_answered_within_a_few_batches_behind_a_huge_one(
     assert_close(huge_answer.scores, await alone(engine, huge))
 
 
+async def test_new_requests_and_a_large_served_one_take_turns_starting_batches(engine, builder):
+    big = request(builder, 620, 6)
+    smalls = [request(builder, 621 + i, 1) for i in range(3)]
+    s = scheduler(engine, max_batch_pairs=2, max_wait_ms=0, batches_ahead=0)
+    try:
+        held = await hold_in_flight(s, engine, big)  # its first batch: 2 of its 6 prompts
+        tasks = [asyncio.create_task(s.score(r)) for r in smalls]
+        await until(lambda: s.stats()["queued_requests"] == 4)
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(held, *tasks), 10)
+    finally:
+        await s.close()
+    owner = {p.input_ids: "big" for p in big} | {r[0].input_ids: f"s{i}" for i, r in enumerate(smalls)}
+    calls = [sorted(owner[p.input_ids] for p in call) for call in engine.calls]
+    # The new requests start the next batch (the big one's first batch was its turn), then the big one
+    # starts one: a stream of new requests cannot starve it.
+    assert calls == [["big", "big"], ["s0", "s1"], ["big", "big"], ["big", "s2"], ["big"]]
+
+
 async def test_a_prompt_too_long_for_the_rest_of_a_batch_does_not_hold_other_requests(engine, builder):
     long_request = request(builder, 610, 1, words=300)
     shorts = [request(builder, 611 + i, 1) for i in range(3)]
