@@ -7,6 +7,7 @@ folder that is not prepared yet is exported into the cache, under a file lock, a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -105,18 +106,38 @@ def _export_into_cache(
         def say(msg: str) -> None:  # the export writes into `tmp`: its lines name the folder it becomes
             print(f"[export] {msg.replace(str(tmp), str(target))}", file=sys.stderr, flush=True)
 
-        export_model(
-            source,
-            tmp,
-            revision=revision,
-            quantize="int8" if quantization == "int8" else "none",
-            cache_dir=hub_cache,
-            estimated_max=estimated_max,
-            say=say,
-        )
+        try:
+            export_model(
+                source,
+                tmp,
+                revision=revision,
+                quantize="int8" if quantization == "int8" else "none",
+                cache_dir=hub_cache,
+                estimated_max=estimated_max,
+                say=say,
+            )
+        finally:
+            if hub_cache is not None:
+                remove_hub_locks(hub_cache, source)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
+
+
+def remove_hub_locks(hub_cache: Path, repo_id: str) -> None:
+    """Remove the empty lock files huggingface_hub leaves for `repo_id` in the gateway's own hub cache.
+
+    Called under this model's file_lock, so no other export of it is downloading; other models' locks stay.
+    """
+    locks = Path(hub_cache) / ".locks" / f"models--{repo_id.replace('/', '--')}"
+    if not locks.is_dir():
+        return
+    for lock in locks.glob("*.lock"):
+        if lock.is_file() and lock.stat().st_size == 0:
+            lock.unlink(missing_ok=True)
+    for folder in (locks, locks.parent):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def hub_cache_target(source: ModelSource) -> Path:

@@ -541,6 +541,12 @@ def test_prepare_without_the_hub_fails_in_one_short_line_that_says_what_to_do(tm
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # huggingface_hub's own empty lock files for this model (left by an earlier download) and another's.
+    locks = tmp_path / "c" / "hub" / ".locks"
+    (locks / "models--mixedbread-ai--mxbai-rerank-large-v2").mkdir(parents=True)
+    (locks / "models--mixedbread-ai--mxbai-rerank-large-v2" / "0a1b.lock").touch()
+    (locks / "models--other--model").mkdir()
+    (locks / "models--other--model" / "2c3d.lock").touch()
     rc = main(
         ["prepare", "--model", "mixedbread-ai/mxbai-rerank-large-v2", "--cache-dir", str(tmp_path / "c")]
     )
@@ -549,7 +555,8 @@ def test_prepare_without_the_hub_fails_in_one_short_line_that_says_what_to_do(tm
     assert len(lines) == 1
     assert len(lines[0]) < 200
     assert "RERANK_MODEL_PATH" in lines[0]
-    assert list((tmp_path / "c").rglob("*.lock")) == []
+    left = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*.lock"))
+    assert left == ["hub/.locks/models--other--model/2c3d.lock"]  # another model's locks are not ours
 
 
 def test_serve_logs_its_lifecycle_at_info(tiny_model_dir: Path, tmp_path):
