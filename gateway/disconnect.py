@@ -9,7 +9,7 @@ A route calls it once the request body has been parsed (FastAPI does that before
 The work runs as its own task while a watcher waits on the ASGI receive channel. Once the body has been
 read, the only message a server sends there is `http.disconnect` (uvicorn, Starlette's middleware and the
 test clients all behave so), so the watcher costs no polling. When the client goes, the work is cancelled
-with the message "client_disconnected": the coalescer then drops the request's queued pairs before they
+with the message "client_disconnected": the scheduler then removes the request's queued pairs before they
 reach the engine and counts them under that reason. ClientDisconnected (499, which nobody reads) is raised
 so the route stops there.
 """
