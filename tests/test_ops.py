@@ -116,6 +116,20 @@ def test_make_bench_build_reads_an_offline_beir_folder_when_given():
     assert flag(argv, "--dataset") == "scifact"
 
 
+def test_make_bench_build_really_builds_an_offline_workload_of_bench_limit_queries(tmp_path):
+    """Not only the command line: `make bench-build` runs and the variables change what it builds."""
+    import json
+
+    from tests.test_bench_tools import write_beir_folder
+
+    source = write_beir_folder(tmp_path / "beir")
+    out = tmp_path / "w.json"
+    proc = run_make("bench-build", f"BENCH_SOURCE_DIR={source}", "BENCH_LIMIT=2", f"WORKLOAD={out}")
+    assert proc.returncode == 0, proc.stderr
+    workload = json.loads(out.read_text())
+    assert len(workload["queries"]) == 2
+
+
 def test_make_bench_build_still_takes_beir_dataset():
     assert flag(only_command("bench-build", "BEIR_DATASET=fiqa"), "--dataset") == "fiqa"
 
