@@ -39,9 +39,8 @@ from engines.base import (
     EngineError,
     EngineFailure,
     EngineRejected,
-    EngineTimeout,
-    EngineUnavailable,
     Scored,
+    error_kind,
 )
 
 log = logging.getLogger(__name__)
@@ -641,15 +640,4 @@ class Scheduler:
         )
 
 
-def error_kind(exc: EngineError) -> str:
-    """The bounded `kind` label of an engine error."""
-    if isinstance(exc, EngineTimeout):
-        return "timeout"
-    if isinstance(exc, EngineUnavailable):
-        return "unavailable"
-    if isinstance(exc, EngineRejected):
-        return "rejected"
-    return "failure"
-
-
-__all__ = ["NullObserver", "Scheduler", "SchedulerObserver", "error_kind"]
+__all__ = ["NullObserver", "Scheduler", "SchedulerObserver"]
