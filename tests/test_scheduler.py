@@ -701,6 +701,20 @@ class Served:
         await self.app(http_scope(path, body), receive, send)
         return sent, reads
 
+    async def hold_one_queue_one(
+        self, engine: RecordingEngine, seed: int
+    ) -> tuple[list[asyncio.Task], Scheduler]:
+        """One request held in the engine, a second one waiting in the (then non-empty) queue."""
+        engine.gate.clear()
+        engine.entered.clear()
+        running = asyncio.create_task(self.client.post("/v1/rerank", json=rerank_body(seed, 2)))
+        await asyncio.wait_for(engine.entered.wait(), 10)
+        # An empty queue takes any request: this one waits in the queue.
+        queued = asyncio.create_task(self.client.post("/rerank", json=rerank_body(seed + 1, 2)))
+        scheduler = self.app.state.admission.queue
+        await until(lambda: scheduler.queued_tokens > 0)
+        return [running, queued], scheduler
+
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def served(engine, tiny_model_dir, make_settings):
@@ -761,14 +775,7 @@ async def test_requests_over_max_active_requests_get_429_before_the_body_is_read
 async def test_a_full_queue_answers_429_before_the_body_is_read(served, engine):
     server = await served(max_queued_tokens=1)
     before = sample("rerank_rejected_requests_total", reason="queue_full")
-    engine.gate.clear()
-    engine.entered.clear()
-    running = asyncio.create_task(server.client.post("/v1/rerank", json=rerank_body(11, 2)))
-    await asyncio.wait_for(engine.entered.wait(), 10)
-    # An empty queue takes any request: this one waits in the queue, which is then full.
-    queued = asyncio.create_task(server.client.post("/rerank", json=rerank_body(12, 2)))
-    scheduler = server.app.state.admission.queue
-    await until(lambda: scheduler.queued_tokens > 0)
+    busy, _ = await server.hold_one_queue_one(engine, 11)
 
     sent, reads = await server.call_unread("/v2/rerank", json.dumps(rerank_body(13, 2)).encode())
     assert (sent[0]["status"], reads) == (429, 0)
@@ -776,19 +783,13 @@ async def test_a_full_queue_answers_429_before_the_body_is_read(served, engine):
     assert sample("rerank_rejected_requests_total", reason="queue_full") == before + 1
     assert (await server.client.get("/ready")).status_code == 200
     engine.gate.set()
-    responses = await asyncio.wait_for(asyncio.gather(running, queued), 30)
+    responses = await asyncio.wait_for(asyncio.gather(*busy), 30)
     assert [r.status_code for r in responses] == [200, 200]
 
 
 async def test_an_overloaded_scheduler_answers_429_in_the_error_shape(served, engine):
     server = await served(max_queued_tokens=1)
-    engine.gate.clear()
-    engine.entered.clear()
-    running = asyncio.create_task(server.client.post("/v1/rerank", json=rerank_body(21, 2)))
-    await asyncio.wait_for(engine.entered.wait(), 10)
-    queued = asyncio.create_task(server.client.post("/v1/rerank", json=rerank_body(22, 2)))
-    scheduler = server.app.state.admission.queue
-    await until(lambda: scheduler.queued_tokens > 0)
+    busy, scheduler = await server.hold_one_queue_one(engine, 21)
     # Past the middleware's cheap check (as if the request had entered just before), the scheduler refuses.
     with pytest.raises(Overloaded):
         scheduler.admit(1)
@@ -799,5 +800,5 @@ async def test_an_overloaded_scheduler_answers_429_in_the_error_shape(served, en
     assert response.json()["error"]["type"] == "overloaded"
     assert int(response.headers["retry-after"]) >= 1
     engine.gate.set()
-    responses = await asyncio.wait_for(asyncio.gather(running, queued), 30)
+    responses = await asyncio.wait_for(asyncio.gather(*busy), 30)
     assert [r.status_code for r in responses] == [200, 200]
