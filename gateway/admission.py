@@ -26,7 +26,10 @@ RERANK_PATHS = frozenset({"/v1/rerank", "/rerank", "/v2/rerank"})
 class QueueLoad(Protocol):
     """What admission asks the scheduler (gateway.scheduler.Scheduler)."""
 
-    def is_full(self) -> bool: ...
+    @property
+    def callers(self) -> int: ...
+
+    def is_full(self, arriving: int = 0) -> bool: ...
 
     def retry_after_s(self) -> float: ...
 
@@ -52,7 +55,8 @@ class AdmissionControl:
                 "(RERANK_MAX_ACTIVE_REQUESTS); retry after the Retry-After header"
             )
             return "active_requests", message, retry_after_s
-        if queue is not None and queue.is_full():
+        # Requests inside the app that the scheduler has not seen yet are still being read or tokenized.
+        if queue is not None and queue.is_full(arriving=max(0, self.active - queue.callers)):
             message = (
                 "the scoring queue is full (RERANK_MAX_QUEUED_TOKENS, RERANK_MAX_QUEUE_DELAY_MS); retry "
                 "after the Retry-After header or send fewer documents"

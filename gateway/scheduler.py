@@ -55,6 +55,9 @@ THROUGHPUT_WINDOW_BATCHES = 32
 # event loop it saves (up to the GIL's 5 ms switch interval) matters for short batches, and a long batch sent
 # ahead would make a newly arrived small request wait for two long batches instead of one.
 AHEAD_UNDER_S = 0.05
+# Weight of each admitted request in the moving mean of request sizes (admission's estimate for requests
+# still being read and tokenized).
+MEAN_REQUEST_WEIGHT = 0.05
 # Default queue budget: this many full engine runs per concurrent batch slot.
 DEFAULT_QUEUED_RUNS = 8
 # Cancellation reasons counted as their own `dropped` reason (bounded label values).
@@ -221,6 +224,8 @@ class Scheduler:
 
         self._history: deque[_BatchRecord] = deque(maxlen=THROUGHPUT_WINDOW_BATCHES)
         self._throughput: float | None = None  # recomputed when a batch ends: admission reads it per request
+        self._mean_request_tokens = 0.0  # moving mean over admitted requests
+        self._callers = 0
         self._last_batch_s = 0.0
         self._batches = 0
         self._failed_batches = 0
@@ -273,12 +278,25 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    def is_full(self) -> bool:
-        """True when no request could be admitted now (the cheap check the HTTP edge makes first)."""
-        if self._draining or self._queued_tokens >= self.max_queued_tokens:
+    @property
+    def callers(self) -> int:
+        """`score` calls in progress (queued, or waiting on a running batch)."""
+        return self._callers
+
+    def is_full(self, arriving: int = 0) -> bool:
+        """True when no request could be admitted now (the cheap check the HTTP edge makes first).
+
+        `arriving` requests are on their way (read, parsed, tokenized, not yet queued): each counts as the
+        mean request admitted so far, so that a burst is not admitted past the queue only to be refused
+        after its tokenization.
+        """
+        if self._draining:
             return True
-        drain_s = self.drain_time_s()
-        return drain_s is not None and drain_s > self.max_queue_delay_s
+        tokens = self._queued_tokens + arriving * self._mean_request_tokens
+        if tokens >= self.max_queued_tokens:
+            return True
+        throughput = self._throughput
+        return throughput is not None and tokens / throughput > self.max_queue_delay_s
 
     def admit(self, tokens: int) -> None:
         """Raise Overloaded unless a request of `tokens` tokens fits the queue now."""
@@ -335,6 +353,8 @@ class Scheduler:
         self._queued_tokens += tokens
         self._idle.clear()
         self._queue_changed()
+        self._mean_request_tokens += (tokens - self._mean_request_tokens) * MEAN_REQUEST_WEIGHT
+        self._callers += 1
         self._pump()
         try:
             return await asyncio.wait_for(request.future, timeout=deadline_s - time.monotonic())
@@ -349,6 +369,8 @@ class Scheduler:
             reason = exc.args[0] if exc.args and exc.args[0] in KNOWN_CANCEL_REASONS else "cancelled"
             self._withdraw(request, reason)
             raise
+        finally:
+            self._callers -= 1
 
     def throughput_tokens_per_s(self) -> float | None:
         """Tokens scored per second of engine time over the recent batches, or None before the first."""
@@ -374,6 +396,7 @@ class Scheduler:
             "accepting": not self._draining,
             "draining": self._draining,
             "queued_requests": len(self._fresh) + len(self._served),
+            "callers": self._callers,
             "queued_pairs": self._queued_entries,
             "queued_tokens": self._queued_tokens,
             "max_queued_tokens": self.max_queued_tokens,

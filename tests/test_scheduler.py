@@ -475,6 +475,10 @@ async def test_queue_refuses_work_it_cannot_drain_within_max_queue_delay_ms(engi
         engine.gate.set()
         await asyncio.wait_for(asyncio.gather(held, queued), 30)
         assert not s.is_full()  # the queue drained
+        # Requests still being read and tokenized count as the mean admitted request: a burst is refused
+        # before its bodies are parsed, not after.
+        assert s.callers == 0
+        assert s.is_full(arriving=100)
     finally:
         await s.close()
 
