@@ -54,6 +54,7 @@ class VllmSidecar:
         served_model_name: str = "tiny-reranker",
         max_model_len: int = 8448,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        extra_env: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.port = port
         self.work_dir = Path(work_dir)
@@ -76,6 +77,7 @@ class VllmSidecar:
                 ("VLLM_CACHE_ROOT", str(self.work_dir / "vllm-cache")),
                 ("VLLM_NO_USAGE_STATS", "1"),
                 ("DO_NOT_TRACK", "1"),
+                *extra_env,
             ),
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -91,10 +93,15 @@ class VllmSidecar:
         return self.options.served_name
 
     def log_tail(self, n_chars: int = 4000) -> str:
+        """The last start's first error lines (the root cause, before vLLM's tracebacks) and the tail."""
         try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
+            text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
+        last_start = text[text.rfind("\n=== start ") :]
+        causes = [line for line in last_start.splitlines() if "Error" in line and "File " not in line][:8]
+        head = "first error lines:\n" + "\n".join(causes) + "\n...\n" if causes else ""
+        return head + text[-n_chars:]
 
     def start(self) -> None:
         """Start and wait for /health == 200 (bounded); raises SidecarError with the log tail."""
