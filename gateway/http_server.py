@@ -18,7 +18,7 @@ protocol with a thin subclass (`GuardedH11Protocol`) and its own `Server`:
 
 Shutdown (SIGTERM): listeners close, idle connections close, running requests may finish until
 `drain_timeout_s`; then `DrainController` cancels what still runs and answers 503 JSON with `Retry-After`
-(queued pairs leave the coalescer), the lifespan gets what is left of a one-second budget to close the
+(queued pairs leave the scheduler), the lifespan gets what is left of a one-second budget to close the
 engine, and a watchdog ends the process `EXIT_GRACE_S` after the drain deadline whatever the engine is doing
 (an onnxruntime call cannot be interrupted; its thread would otherwise hold the exit for its whole run).
 """
