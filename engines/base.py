@@ -7,13 +7,17 @@ identical numbers.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from core.batching import BatchBudget
 from core.contract import Prompt
+
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -148,3 +152,22 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release threads, sessions and connections."""
+
+
+class EngineThread:
+    """The one thread an in-process engine runs its blocking work on (load, score): never the event loop."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self._name}-engine")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # Let an in-flight batch finish on its thread without blocking the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)

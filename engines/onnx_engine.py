@@ -12,12 +12,10 @@ same weights, and only one session is loaded. Older folders are served from mode
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from engines.base import (
     EngineFailure,
     EngineInfo,
     EngineRejected,
+    EngineThread,
     EngineUnavailable,
     ModelPreparationError,
     Scored,
@@ -159,7 +158,7 @@ class OnnxEngine:
         )
         self._session: ort.InferenceSession | None = None
         self._manifest: Manifest | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = EngineThread("onnx")
         self._start_lock = threading.Lock()
 
     @property
@@ -174,11 +173,6 @@ class OnnxEngine:
     def chunked(self) -> bool:
         """True when the engine serves the chunk graph (long prompts by chunked prefill)."""
         return self._chunked
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-engine")
-        return self._executor
 
     def _load(self) -> None:
         with self._start_lock:
@@ -217,7 +211,7 @@ class OnnxEngine:
         """Verify the model folder, load the graph and warm it up (idempotent)."""
         if self._session is not None:
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool(), self._load)
+        await self._thread.run(self._load)
 
     async def health(self) -> bool:
         return self._session is not None
@@ -296,13 +290,9 @@ class OnnxEngine:
             return Scored([], ENGINE_NAME)
         if self._session is None:
             raise EngineUnavailable("the onnx engine is not started (or was closed)")
-        loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self._pool(), self.score_sync, list(prompts))
+        scores = await self._thread.run(self.score_sync, list(prompts))
         return Scored(scores, ENGINE_NAME)
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
         self._session = None
-        if executor is not None:
-            # Let an in-flight batch finish on its thread without blocking the event loop.
-            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        await self._thread.close()

@@ -7,18 +7,23 @@ than `long_prompt_tokens` run one at a time. Needs the `reference` extra (torch,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from core.batching import plan_batches
 from core.contract import DEFAULT_MAX_LENGTH, Prompt
-from engines.base import EngineFailure, EngineInfo, EngineUnavailable, ModelPreparationError, Scored
+from engines.base import (
+    EngineFailure,
+    EngineInfo,
+    EngineThread,
+    EngineUnavailable,
+    ModelPreparationError,
+    Scored,
+)
 from engines.model_store import is_hf_dir, load_manifest
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ class ReferenceEngine:
             name=ENGINE_NAME, padded=True, max_batch_tokens=max_batch_tokens, max_batch_pairs=max_batch_pairs
         )
         self._wrapper: Any = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = EngineThread("reference")
         self._start_lock = threading.Lock()
 
     @property
@@ -98,11 +103,6 @@ class ReferenceEngine:
     def wrapper(self) -> Any:
         """The loaded MxbaiRerankV2 (None before `start`)."""
         return self._wrapper
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
-        return self._executor
 
     def _load(self) -> None:
         with self._start_lock:
@@ -135,7 +135,7 @@ class ReferenceEngine:
         """Load the wrapper (torch fp32) on the engine's thread (idempotent)."""
         if self._wrapper is not None:
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool(), self._load)
+        await self._thread.run(self._load)
 
     async def health(self) -> bool:
         return self._wrapper is not None
@@ -179,12 +179,9 @@ class ReferenceEngine:
             return Scored([], ENGINE_NAME)
         if self._wrapper is None:
             raise EngineUnavailable("the reference engine is not started (or was closed)")
-        loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self._pool(), self.score_sync, list(prompts))
+        scores = await self._thread.run(self.score_sync, list(prompts))
         return Scored(scores, ENGINE_NAME)
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
         self._wrapper = None
-        if executor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        await self._thread.close()
