@@ -104,7 +104,7 @@ NULL_OBSERVER: EngineObserver = NullObserver()
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
-    """What an engine can do, asked by the router and the coalescer instead of branching on its type."""
+    """What an engine can do, asked by the router and the scheduler instead of branching on its type."""
 
     name: str
     # Padded engines pay for the longest row in a batch; their token budget counts padded cost.

@@ -153,7 +153,9 @@ class OnnxEngine:
             name=ENGINE_NAME,
             padded=self.rows_per_run > 1,
             max_batch_tokens=max_batch_tokens,
-            max_batch_pairs=max_batch_pairs,
+            # int8 runs one prompt at a time: the scheduler sends it one-prompt batches, so a request whose
+            # client left is dropped between prompts, not after a whole batch.
+            max_batch_pairs=self.rows_per_run,
             precision=quantization,
         )
         self._session: ort.InferenceSession | None = None

@@ -9,7 +9,7 @@ A batch that fails or times out on the primary is retried once on the fallback, 
 `Scored.engine` says which engine answered. When the circuit opens, batches still waiting on the primary
 (a hung sidecar) move to the fallback at once instead of waiting for their own timeout.
 
-Budgets: the router reports the primary's EngineInfo (the coalescer sends vLLM large slices, several at
+Budgets: the router reports the primary's EngineInfo (the scheduler sends vLLM large slices, several at
 once) and re-slices a batch to the fallback's own budget, with the fallback's concurrency, when it falls
 back, so a large vLLM slice never becomes one huge padded ONNX batch.
 

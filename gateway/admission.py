@@ -15,12 +15,15 @@ import json
 import math
 from typing import TYPE_CHECKING, Protocol
 
+from gateway import dialects
+from gateway.errors import Overloaded
 from gateway.metrics import REJECTED
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-RERANK_PATHS = frozenset({"/v1/rerank", "/rerank", "/v2/rerank"})
+# Every rerank route of every dialect (the registry's list).
+RERANK_PATHS = frozenset(dialects.PATHS)
 
 
 class QueueLoad(Protocol):
@@ -65,17 +68,18 @@ class AdmissionControl:
         return None
 
 
-def overloaded_response(message: str, retry_after_s: float) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Headers and body of a 429 in the app's error shape."""
-    body = json.dumps(
-        {"error": {"message": message, "type": "overloaded", "param": None, "code": "overloaded"}}
-    ).encode()
-    headers = [
+def overloaded_response(
+    message: str, retry_after_s: float, *, path: str = "/v1/rerank", headers: dict[str, str] | None = None
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and body of a 429 in the error shape of the dialect the route and headers imply."""
+    error = Overloaded(message, retry_after_s=retry_after_s)
+    body = json.dumps(dialects.route_dialect(path, headers or {}).error_body(error)).encode()
+    out = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),
     ]
-    return headers, body
+    return out, body
 
 
 class AdmissionMiddleware:
@@ -95,7 +99,10 @@ class AdmissionMiddleware:
         if refusal is not None:
             reason, message, retry_after_s = refusal
             REJECTED.labels(reason).inc()
-            headers, body = overloaded_response(message, retry_after_s)
+            request_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            headers, body = overloaded_response(
+                message, retry_after_s, path=scope["path"], headers=request_headers
+            )
             # The body is never read: the server discards it (or closes the connection).
             await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": body})

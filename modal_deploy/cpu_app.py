@@ -13,7 +13,7 @@ Serving containers have no torch: 4 CPUs, 4 GiB, 0 to 20 replicas. The model is 
 build, by `prepare_model` (torch CPU + the export extra) into the volume; rerun it after deleting the volume
 with `modal run -m modal_deploy.cpu_app::prepare_model`.
 Deploy-time environment: RERANK_MODEL, RERANK_MODEL_REVISION, RERANK_MODAL_CPU_MAX_INPUTS (concurrent
-requests per replica, default 32: the coalescer batches them), RERANK_MODAL_MAX_CONTAINERS (default 20),
+requests per replica, default 32: the scheduler batches them), RERANK_MODAL_MAX_CONTAINERS (default 20),
 RERANK_API_KEYS (optional Bearer keys, baked into the serving image's environment).
 """
 

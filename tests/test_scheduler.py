@@ -689,7 +689,9 @@ class Served:
         self.app = app
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
-    async def call_unread(self, path: str, body: bytes) -> tuple[list[dict], int]:
+    async def call_unread(
+        self, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> tuple[list[dict], int]:
         """POST `body` as raw ASGI; returns the messages sent and how often the app asked for the body."""
         reads = 0
         sent: list[dict] = []
@@ -702,7 +704,9 @@ class Served:
         async def send(message: dict) -> None:
             sent.append(message)
 
-        await self.app(http_scope(path, body), receive, send)
+        scope = http_scope(path, body)
+        scope["headers"] = [*scope["headers"], *headers]
+        await self.app(scope, receive, send)
         return sent, reads
 
     async def hold_one_queue_one(
@@ -789,6 +793,36 @@ async def test_a_full_queue_answers_429_before_the_body_is_read(served, engine):
     engine.gate.set()
     responses = await asyncio.wait_for(asyncio.gather(*busy), 30)
     assert [r.status_code for r in responses] == [200, 200]
+
+
+async def test_every_dialects_route_is_admission_controlled_and_refused_in_its_own_shape(served, engine):
+    from gateway import dialects
+
+    server = await served(max_queued_tokens=1)
+    busy, _ = await server.hold_one_queue_one(engine, 31)
+    body = json.dumps(rerank_body(33, 2)).encode()
+    for path in dialects.PATHS:
+        sent, reads = await server.call_unread(path, body)
+        assert (sent[0]["status"], reads) == (429, 0), path
+        payload = json.loads(sent[1]["body"])
+        assert payload == dialects.route_dialect(path, {}).error_body(from_body_error(payload, path)), path
+    # TEI clients are told apart by the body, which is not read: the dialect header picks TEI's shape.
+    sent, _ = await server.call_unread("/rerank", body, ((b"x-rerank-dialect", b"tei"),))
+    payload = json.loads(sent[1]["body"])
+    assert payload["error_type"] == "Overloaded"
+    assert "RERANK_MAX_QUEUED_TOKENS" in payload["error"]
+    engine.gate.set()
+    responses = await asyncio.wait_for(asyncio.gather(*busy), 30)
+    assert [r.status_code for r in responses] == [200, 200]
+
+
+def from_body_error(payload: dict, path: str):
+    """The Overloaded error a 429 body was rendered from (its message is the one the body carries)."""
+    from gateway.errors import Overloaded as HttpOverloaded
+
+    message = payload["error"]["message"] if isinstance(payload["error"], dict) else payload["error"]
+    assert "RERANK_MAX_QUEUED_TOKENS" in message, path
+    return HttpOverloaded(message, retry_after_s=1.0)
 
 
 async def test_an_overloaded_scheduler_answers_429_in_the_error_shape(served, engine):
