@@ -8,6 +8,7 @@ identical numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -171,3 +172,11 @@ class EngineThread:
         if executor is not None:
             # Let an in-flight batch finish on its thread without blocking the event loop.
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task (a health probe loop) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

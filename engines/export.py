@@ -160,6 +160,15 @@ def fetch_source(
     return path, path.name if path.parent.name == "snapshots" else revision
 
 
+def _attach_score_head(module, model, yes_id: int, no_id: int) -> None:
+    """Give `module` the decoder body and the LM head reduced to the score's one direction (+ bias diff)."""
+    module.body = model.model
+    weight = model.lm_head.weight.detach()
+    module.register_buffer(SCORE_DIRECTION, (weight[yes_id] - weight[no_id]).clone().contiguous())
+    bias = getattr(model.lm_head, "bias", None)
+    module.bias_diff = None if bias is None else float(bias[yes_id] - bias[no_id])
+
+
 def _score_module(model, yes_id: int, no_id: int):
     """Wrap a Qwen2ForCausalLM so that its only output is the raw score at the last position."""
     import torch
@@ -167,11 +176,7 @@ def _score_module(model, yes_id: int, no_id: int):
     class ScoreHead(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = model.model
-            weight = model.lm_head.weight.detach()
-            self.register_buffer(SCORE_DIRECTION, (weight[yes_id] - weight[no_id]).clone().contiguous())
-            bias = getattr(model.lm_head, "bias", None)
-            self.bias_diff = None if bias is None else float(bias[yes_id] - bias[no_id])
+            _attach_score_head(self, model, yes_id, no_id)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             # Positions count real tokens only: a left-padded row gets the positions it has unpadded.
@@ -276,11 +281,7 @@ def _chunk_module(model, yes_id: int, no_id: int):
     class ChunkScoreHead(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = model.model
-            weight = model.lm_head.weight.detach()
-            self.register_buffer(SCORE_DIRECTION, (weight[yes_id] - weight[no_id]).clone().contiguous())
-            bias = getattr(model.lm_head, "bias", None)
-            self.bias_diff = None if bias is None else float(bias[yes_id] - bias[no_id])
+            _attach_score_head(self, model, yes_id, no_id)
 
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_kv: torch.Tensor

@@ -20,7 +20,6 @@ Prometheus one from gateway.metrics); an error is reported once, under the engin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from engines.base import (
     EngineRejected,
     Scored,
     error_kind,
+    stop_task,
 )
 
 __all__ = ["CircuitBreaker", "CircuitState", "RoutedEngine"]
@@ -195,10 +195,7 @@ class RoutedEngine:
 
     async def close(self) -> None:
         task, self._probe_task = self._probe_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         self._started = False
         try:
             await self.primary.close()

@@ -10,7 +10,6 @@ every circuit is open) does the pool raise, and the router above it answers from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from engines.base import (
     EngineUnavailable,
     Scored,
     error_kind,
+    stop_task,
 )
 from engines.router import CircuitBreaker
 from engines.vllm_engine import NAME, VllmEngine
@@ -171,10 +171,7 @@ class VllmPool:
 
     async def close(self) -> None:
         task, self._probe_task = self._probe_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         await asyncio.gather(*(b.engine.close() for b in self._backends), return_exceptions=True)
 
     async def health(self) -> bool:
