@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for the container tier on a machine with no Docker engine and no image registry:
-#   - Debian packages: podman, buildah, runc, debootstrap, the dnsname CNI plugin (service names resolve);
+#   - Debian packages: podman, buildah, runc, debootstrap, the dnsname CNI plugin (service names resolve),
+#     prometheus (its binary goes into the local Prometheus image: deploy/prometheus/Containerfile.debian);
 #   - a containers.conf (runtime runc, explicit ulimits, file event log: there is no systemd here);
 #   - a local Debian bookworm base image (debootstrap minbase, imported with podman) tagged with the
 #     name Dockerfile.cpu's FROM uses, so builds never try to pull;
@@ -23,7 +24,7 @@ log() { echo "podman_setup: $*" >&2; }
 
 install_packages() {
   local missing=() pkg
-  for pkg in podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap; do
+  for pkg in podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap prometheus; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0

