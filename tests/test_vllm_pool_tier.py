@@ -19,27 +19,16 @@ import pytest
 
 from core.contract import PromptBuilder
 from tests.conftest import free_port, gateway_server, require_real_component
-from tests.test_vllm_tier import STREAM_DOCS, STREAM_QUERY, Stream
+from tests.test_vllm_tier import GATEWAY_ENV, SERVED, STREAM_DOCS, STREAM_QUERY, Stream
 from tests.vllm_sidecar import SidecarError, VllmSidecar, missing_reason
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500)]
 
-SERVED = "tiny-reranker"
 CORES = os.cpu_count() or 1
 TOLERANCE = 1e-3
 SHARE_BOUNDS = (0.30, 0.70)
 SWITCH_BOUND_S = 45.0
 RECOVERY_BOUND_S = 90.0
-GATEWAY_ENV = {
-    "RERANK_VLLM_MODEL": SERVED,
-    "RERANK_QUANTIZATION": "fp32",
-    "RERANK_VLLM_CONNECT_TIMEOUT_MS": "1000",
-    "RERANK_VLLM_REQUEST_TIMEOUT_MS": "15000",
-    "RERANK_HEALTH_PROBE_INTERVAL_MS": "500",
-    "RERANK_BREAKER_FAILURE_THRESHOLD": "3",
-    "RERANK_BREAKER_RESET_MS": "1500",
-    "RERANK_REQUEST_TIMEOUT_MS": "120000",
-}
 
 
 def log(message: str) -> None:
