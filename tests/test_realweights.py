@@ -23,7 +23,9 @@ from engines.model_store import MANIFEST_NAME, load_manifest
 from engines.onnx_engine import OnnxEngine
 from gateway.config import Settings
 
-pytestmark = pytest.mark.realweights
+# The first test pays for building the trained model and exporting it (fp32, int8 and both chunk graphs):
+# about 5 minutes here, nearly twice that on a slower CI host, more than the default 600 s timeout allows.
+pytestmark = [pytest.mark.realweights, pytest.mark.timeout(1800)]
 
 # The bounds for the default engine against fp32 on prompts of up to 512 tokens.
 DEFAULT_ENGINE_BOUNDS = {"spearman_mean": 0.99, "spearman_min": 0.95, "top1": 0.95, "max_abs_diff": 0.1}
