@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -127,6 +128,25 @@ def prompts_by_backend(url: str) -> dict[str, int]:
     return {u: b["prompts"] for u, b in backends(url).items()}
 
 
+def restart(server: VllmSidecar) -> None:
+    """Start a killed sidecar again, as an orchestrator would: a second try when the first start fails.
+
+    What is tested is the gateway taking the backend back, not vLLM's start-up; a start that failed once is
+    reported as a warning with its cause (CI shows it), a second failure fails the test.
+    """
+    try:
+        server.start()
+        return
+    except SidecarError as exc:
+        first = str(exc)
+    log(f"the first restart failed; trying once more:\n{first}")
+    warnings.warn(f"vLLM restart needed a second try; the first failed with: {first[:3000]}", stacklevel=2)
+    try:
+        server.start()
+    except SidecarError as exc:
+        pytest.fail(f"the sidecar did not restart, twice:\nfirst: {first}\nsecond: {exc}")
+
+
 def assert_scores(stream: Stream, expected: dict[int, float]) -> None:
     answered = [o for o in stream.outcomes if o.status == 200]
     assert answered
@@ -172,10 +192,7 @@ def test_killing_one_sidecar_loses_nothing_and_restarting_it_brings_traffic_back
         later = prompts_by_backend(gateway)
         assert later[victim.base_url] == during[victim.base_url], "the dead backend got batches"
         assert later[survivor.base_url] > during[survivor.base_url], "the survivor got no batches"
-        try:
-            victim.start()
-        except SidecarError as exc:
-            pytest.fail(f"the sidecar did not restart: {exc}")
+        restart(victim)
         restarted_at = time.monotonic()
         back = wait_until(
             lambda: (s := backends(gateway))[victim.base_url]["prompts"] > later[victim.base_url] and s,

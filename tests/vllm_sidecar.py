@@ -24,8 +24,55 @@ STARTUP_TIMEOUT_S = float(os.environ.get("RERANK_VLLM_STARTUP_TIMEOUT_S", "300")
 STOP_TIMEOUT_S = 20.0
 
 
+SHM_DIR = Path("/dev/shm")
+
+
 class SidecarError(RuntimeError):
     """The sidecar could not start (the message carries the log's tail)."""
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (the API server, its engine core and worker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, ... (comm may hold spaces)
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def shm_segments(pids: list[int]) -> set[Path]:
+    """The /dev/shm files the processes map: vLLM's message-queue ring buffers (160 + 240 MB reserved)."""
+    found: set[Path] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            at = line.find(f"{SHM_DIR}/")
+            if at >= 0:
+                found.add(Path(line[at:].removesuffix(" (deleted)")))
+    return found
+
+
+def host_state() -> str:
+    """Free /dev/shm and available memory, for a start-up failure's message."""
+    parts = []
+    with contextlib.suppress(OSError):
+        usage = os.statvfs(SHM_DIR)
+        parts.append(f"{SHM_DIR} {usage.f_bavail * usage.f_frsize >> 20} MiB free")
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        parts.append(f"MemAvailable {int(available.split()[1]) >> 10} MiB")
+    return "; ".join(parts) or "host state unknown"
 
 
 def vllm_python() -> Path:
@@ -135,15 +182,20 @@ class VllmSidecar:
             while True:
                 if self.proc.poll() is not None:
                     code = self.proc.returncode
+                    self._reap_group(set())  # what it started (engine core, worker) goes with it
                     self.proc = None
-                    raise SidecarError(f"vLLM exited with status {code} during start-up:\n{self.log_tail()}")
+                    raise SidecarError(
+                        f"vLLM exited with status {code} during start-up ({host_state()}):\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{self.base_url}/health").status_code == 200:
                         break
                 if time.monotonic() > deadline:
                     self.stop()
                     waited = f"{self.startup_timeout_s:.0f} s"
-                    raise SidecarError(f"vLLM did not answer /health within {waited}:\n{self.log_tail()}")
+                    raise SidecarError(
+                        f"vLLM did not answer /health within {waited} ({host_state()}):\n{self.log_tail()}"
+                    )
                 time.sleep(1.0)
         self.last_start_s = time.monotonic() - started
 
@@ -156,6 +208,7 @@ class VllmSidecar:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""
         if self.proc is None:
             return
+        segments = shm_segments(group_pids(self.proc.pid))
         self._signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
         self._signal(signal.SIGTERM)
         try:
@@ -163,23 +216,37 @@ class VllmSidecar:
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._reap_group()
+        self._reap_group(segments)
         self.proc = None
 
     def kill(self) -> None:
         """SIGKILL the whole server (a crash, as the fault-tolerance tests need)."""
         if self.proc is None:
             return
+        segments = shm_segments(group_pids(self.proc.pid))
         self._signal(signal.SIGKILL)
         self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._reap_group()
+        self._reap_group(segments)
         self.proc = None
 
-    def _reap_group(self) -> None:
-        # The engine-core child may outlive its parent for a moment; it is in the same group.
+    def _reap_group(self, segments: set[Path]) -> None:
+        """Kill what is left of the group, wait until it is gone, and remove its shared-memory files.
+
+        A killed vLLM leaves its ring buffers in /dev/shm (nothing unlinks them), and a restart creates new
+        ones: on a host with a small /dev/shm, or a memory cgroup that counts tmpfs, the leftovers of a few
+        kills made a restart's worker die during start-up. A container restart would drop them with the
+        container's /dev/shm; a process restart has to.
+        """
         assert self.proc is not None
+        pgid = self.proc.pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for path in segments:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def pause(self) -> None:
         """SIGSTOP: the socket still accepts connections, but nothing answers (a hung sidecar)."""
