@@ -185,22 +185,38 @@ class VllmEngine:
         return Scored(self._parse(resp, len(prompts)), NAME)
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        """POST /classify. A connection lost before the answer is tried once more, within the same bound.
+
+        A kept-alive connection that the sidecar's server closes (its idle timeout) just as a request goes
+        out on it is lost without an answer; that is no sign of a sick sidecar, and scoring is idempotent,
+        so the second try (on another connection) answers. A sidecar that died fails the second try too:
+        it cannot be connected to, or loses that connection as well.
+        """
         assert self._client is not None
         url = f"{self.base_url}{CLASSIFY_PATH}"
-        try:
-            # httpx's read timeout restarts with every byte; the outer bound caps the whole exchange.
-            return await asyncio.wait_for(
-                self._client.post(CLASSIFY_PATH, json=body), self.request_timeout_s + self.connect_timeout_s
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnavailable(f"cannot connect to the vLLM sidecar at {url}: {exc!r}") from exc
-        except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
-            raise EngineTimeout(
-                f"the vLLM sidecar at {url} did not answer within {self.request_timeout_s:g} s"
-            ) from exc
-        except httpx.TransportError as exc:
-            # Connection reset or closed mid-request: the sidecar died or restarted.
-            raise EngineUnavailable(f"lost the connection to the vLLM sidecar at {url}: {exc!r}") from exc
+        loop = asyncio.get_running_loop()
+        # httpx's read timeout restarts with every byte; the outer bound caps the whole exchange.
+        deadline = loop.time() + self.request_timeout_s + self.connect_timeout_s
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(
+                    self._client.post(CLASSIFY_PATH, json=body), max(0.0, deadline - loop.time())
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise EngineUnavailable(f"cannot connect to the vLLM sidecar at {url}: {exc!r}") from exc
+            except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
+                raise EngineTimeout(
+                    f"the vLLM sidecar at {url} did not answer within {self.request_timeout_s:g} s"
+                ) from exc
+            except httpx.TransportError as exc:
+                if attempt == 1:
+                    log.info(
+                        "the connection to the vLLM sidecar at %s was lost (%r); trying once more", url, exc
+                    )
+                    continue
+                # Reset or closed mid-request twice: the sidecar died or restarted.
+                raise EngineUnavailable(f"lost the connection to the vLLM sidecar at {url}: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     def _parse(self, resp: httpx.Response, n: int) -> list[float]:
         if resp.status_code != 200:

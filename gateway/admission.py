@@ -108,10 +108,23 @@ class AdmissionMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         control.active += 1
+        counted = True
+
+        async def send_counted(message) -> None:
+            # A request stops counting as its last body part goes out, not when the app returns after it: a
+            # client that sends its next request the moment it has the answer must not find its own finished
+            # request counted as one still arriving (a sequential client was refused 429 that way).
+            nonlocal counted
+            if counted and message["type"] == "http.response.body" and not message.get("more_body", False):
+                counted = False
+                control.active -= 1
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_counted)
         finally:
-            control.active -= 1
+            if counted:
+                control.active -= 1
 
 
 __all__ = ["RERANK_PATHS", "AdmissionControl", "AdmissionMiddleware", "QueueLoad", "overloaded_response"]

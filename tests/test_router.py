@@ -38,6 +38,9 @@ from tests.fakes import RecordingEngine, RecordingObserver
 TOLERANCE = 1e-5
 # Bounds for "it did not hang": generous on a shared 2-core machine; the timeouts under test are ~0.3 s.
 HANG_BOUND_S = 10.0
+# An HttpPeer /classify answer: close the connection without answering (a kept-alive connection the server
+# closed as the request went out, or a server that died mid-request).
+DROP = object()
 
 
 def sample(metric, **labels) -> float:
@@ -123,6 +126,9 @@ class HttpPeer:
                 peer.classify_calls += 1
                 peer.hold_classify.wait(timeout=30)
                 answer = peer.classify(body) if callable(peer.classify) else peer.classify
+                if answer is DROP:
+                    self.close_connection = True
+                    return
                 self._send(*answer)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -253,6 +259,42 @@ async def test_vllm_engine_times_out_on_a_sidecar_that_never_answers(prompts):
     finally:
         await engine.close()
         server.close()
+
+
+def classify_answer(body: dict) -> tuple[int, dict]:
+    """vLLM's /classify shape with a made-up raw score per prompt (its index)."""
+    data = [
+        {"index": i, "label": None, "probs": [float(i)], "num_classes": 1} for i in range(len(body["input"]))
+    ]
+    return 200, {"object": "list", "model": body.get("model"), "data": data}
+
+
+async def test_vllm_engine_tries_a_lost_connection_once_more(prompts):
+    """A connection lost without an answer (a kept-alive one the server just closed) is no fallback: the
+    request goes out once more and is answered (seen in CI: one such loss sent a batch to ONNX)."""
+    with http_peer() as peer:
+        peer.classify = lambda body: DROP if peer.classify_calls == 1 else classify_answer(body)
+        engine = vllm(peer.url)
+        await engine.start()
+        try:
+            scored = await engine.score(prompts)
+        finally:
+            await engine.close()
+    assert list(scored.scores) == [float(i) for i in range(len(prompts))]
+    assert peer.classify_calls == 2
+
+
+async def test_vllm_engine_reports_a_connection_lost_twice_as_unavailable(prompts):
+    with http_peer() as peer:
+        peer.classify = DROP
+        engine = vllm(peer.url)
+        await engine.start()
+        try:
+            with pytest.raises(EngineUnavailable, match="lost the connection"):
+                await engine.score(prompts)
+        finally:
+            await engine.close()
+    assert peer.classify_calls == 2
 
 
 async def test_vllm_engine_passes_on_the_sidecars_error_message(prompts):

@@ -27,6 +27,7 @@ from core.errors import DeadlineExceeded, Overloaded, ShuttingDown
 from core.ranking import rank_indices
 from engines.base import EngineRejected, EngineUnavailable
 from gateway import metrics
+from gateway.admission import AdmissionControl, AdmissionMiddleware
 from gateway.disconnect import ClientDisconnected, run_until_disconnected
 from gateway.errors import GatewayError, from_domain_error
 from gateway.scheduler import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, UNMEASURED_RETRY_AFTER_S, Scheduler
@@ -840,3 +841,51 @@ async def test_an_overloaded_scheduler_answers_429_in_the_error_shape(served, en
     engine.gate.set()
     responses = await asyncio.wait_for(asyncio.gather(*busy), 30)
     assert [r.status_code for r in responses] == [200, 200]
+
+
+# --- the admission middleware's count ------------------------------------------------------------------
+
+RERANK_SCOPE = {"type": "http", "method": "POST", "path": "/v1/rerank", "headers": []}
+
+
+async def _receive() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_a_request_stops_counting_as_active_when_its_answer_goes_out():
+    """A client that sends its next request the moment it has an answer must not find the finished request
+    still counted as arriving: a sequential client got 429 from an empty queue that way (vllm tier, CI)."""
+    control = AdmissionControl(max_active_requests=4)
+    seen: list[tuple[str, int]] = []
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{", "more_body": True})
+        await send({"type": "http.response.body", "body": b"}"})
+        seen.append(("returned", control.active))  # the app still runs after its answer went out
+
+    async def send(message) -> None:
+        seen.append((message["type"], control.active))
+
+    await AdmissionMiddleware(app, control=control)(RERANK_SCOPE, _receive, send)
+    assert seen == [
+        ("http.response.start", 1),
+        ("http.response.body", 1),
+        ("http.response.body", 0),
+        ("returned", 0),
+    ]
+    assert control.active == 0
+
+
+async def test_a_request_whose_app_fails_stops_counting_too():
+    control = AdmissionControl(max_active_requests=4)
+
+    async def app(scope, receive, send) -> None:
+        raise RuntimeError("boom")
+
+    async def send(message) -> None:
+        raise AssertionError("nothing is sent")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await AdmissionMiddleware(app, control=control)(RERANK_SCOPE, _receive, send)
+    assert control.active == 0
