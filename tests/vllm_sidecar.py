@@ -127,6 +127,10 @@ class VllmSidecar:
                 *extra_env,
             ),
         )
+        # Seconds without a new byte in the log after which a start counts as stalled (None: only the total
+        # bound applies). A restart under load once printed nothing for 10 minutes before its engine-core
+        # process logged a line, while the next try, identical, was up in 60 s.
+        self.stall_timeout_s: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.last_start_s: float | None = None
@@ -178,8 +182,18 @@ class VllmSidecar:
             )
         self.starts += 1
         deadline = started + self.startup_timeout_s
+        log_size, grew_at = -1, time.monotonic()
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while True:
+                size = self.log_path.stat().st_size
+                if size != log_size:
+                    log_size, grew_at = size, time.monotonic()
+                elif self.stall_timeout_s is not None and time.monotonic() - grew_at > self.stall_timeout_s:
+                    self.stop()
+                    raise SidecarError(
+                        f"vLLM printed nothing for {self.stall_timeout_s:.0f} s during start-up, stopped as "
+                        f"stalled ({host_state()}):\n{self.log_tail()}"
+                    )
                 if self.proc.poll() is not None:
                     code = self.proc.returncode
                     self._reap_group(set())  # what it started (engine core, worker) goes with it
