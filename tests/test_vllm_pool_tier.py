@@ -36,7 +36,7 @@ RECOVERY_BOUND_S = 90.0
 # cores loaded, and over the sidecar's default 300 s on a slower CI host (then cut by SIGTERM mid-start).
 RESTART_TIMEOUT_S = 600.0
 # A start that prints nothing for this long has stalled (seen: 10 minutes of silence, then the next try was
-# up in 60 s); it is stopped and started again, up to RESTART_TRIES times.
+# up within a minute); it is stopped and started again, up to RESTART_TRIES times.
 RESTART_STALL_S = 180.0
 RESTART_TRIES = 3
 

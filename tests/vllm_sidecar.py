@@ -128,8 +128,8 @@ class VllmSidecar:
             ),
         )
         # Seconds without a new byte in the log after which a start counts as stalled (None: only the total
-        # bound applies). A restart under load once printed nothing for 10 minutes before its engine-core
-        # process logged a line, while the next try, identical, was up in 60 s.
+        # bound applies). A restart under load once printed nothing for 10 minutes, until stopped (its
+        # engine-core process never logged a line), while the next try, identical, was up within a minute.
         self.stall_timeout_s: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
