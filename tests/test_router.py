@@ -261,6 +261,16 @@ async def test_vllm_engine_times_out_on_a_sidecar_that_never_answers(prompts):
         server.close()
 
 
+async def score_once(url: str, prompts: Sequence[Prompt]) -> Scored:
+    """Start a vLLM engine on `url`, score `prompts` once, close it."""
+    engine = vllm(url)
+    await engine.start()
+    try:
+        return await engine.score(prompts)
+    finally:
+        await engine.close()
+
+
 def classify_answer(body: dict) -> tuple[int, dict]:
     """vLLM's /classify shape with a made-up raw score per prompt (its index)."""
     data = [
@@ -274,12 +284,7 @@ async def test_vllm_engine_tries_a_lost_connection_once_more(prompts):
     request goes out once more and is answered (seen in CI: one such loss sent a batch to ONNX)."""
     with http_peer() as peer:
         peer.classify = lambda body: DROP if peer.classify_calls == 1 else classify_answer(body)
-        engine = vllm(peer.url)
-        await engine.start()
-        try:
-            scored = await engine.score(prompts)
-        finally:
-            await engine.close()
+        scored = await score_once(peer.url, prompts)
     assert list(scored.scores) == [float(i) for i in range(len(prompts))]
     assert peer.classify_calls == 2
 
@@ -287,13 +292,8 @@ async def test_vllm_engine_tries_a_lost_connection_once_more(prompts):
 async def test_vllm_engine_reports_a_connection_lost_twice_as_unavailable(prompts):
     with http_peer() as peer:
         peer.classify = DROP
-        engine = vllm(peer.url)
-        await engine.start()
-        try:
-            with pytest.raises(EngineUnavailable, match="lost the connection"):
-                await engine.score(prompts)
-        finally:
-            await engine.close()
+        with pytest.raises(EngineUnavailable, match="lost the connection"):
+            await score_once(peer.url, prompts)
     assert peer.classify_calls == 2
 
 
@@ -346,12 +346,7 @@ async def test_vllm_engine_sends_token_ids_and_reads_results_by_index(prompts):
 
     with http_peer() as peer:
         peer.classify = classify
-        engine = vllm(peer.url)
-        await engine.start()
-        try:
-            scored = await engine.score(prompts)
-        finally:
-            await engine.close()
+        scored = await score_once(peer.url, prompts)
     assert scored == Scored([i - 0.5 for i in range(len(prompts))], "vllm")
     (body,) = seen
     assert body["input"] == [list(p.input_ids) for p in prompts]
@@ -584,7 +579,9 @@ async def test_rejected_batch_falls_back_without_counting_against_the_primary(pr
     want = (await onnx.score(prompts)).scores
     with http_peer() as peer:
         peer.classify = (400, {"error": {"message": "prompt longer than max_model_len"}})
-        router = routed(vllm(peer.url), fallback, failure_threshold=1)
+        # A long request timeout: on a busy machine 300 ms can pass before the peer answers, and a timeout
+        # would count against the primary (only the rejection is under test here).
+        router = routed(vllm(peer.url, request_timeout_ms=10_000), fallback, failure_threshold=1)
         rejected = sample(metrics.FALLBACKS, reason="rejected")
         await router.start()
         try:
