@@ -23,8 +23,7 @@ from tests.conftest import free_port, gateway_server, require_real_component
 from tests.test_vllm_tier import GATEWAY_ENV, SERVED, STREAM_DOCS, STREAM_QUERY, Stream
 from tests.vllm_sidecar import SidecarError, VllmSidecar, missing_reason
 
-# The kill test may start a sidecar up to RESTART_TRIES times, each bounded by RESTART_STALL_S of silence
-# and RESTART_TIMEOUT_S in all.
+# The kill test may start a sidecar up to RESTART_TRIES times, each bounded by RESTART_TIMEOUT_S.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 CORES = os.cpu_count() or 1
@@ -35,10 +34,10 @@ RECOVERY_BOUND_S = 90.0
 # A restart competes for the 2 cores with the survivor, the gateway and the stream: 218 s here with both
 # cores loaded, and over the sidecar's default 300 s on a slower CI host (then cut by SIGTERM mid-start).
 RESTART_TIMEOUT_S = 600.0
-# A start that prints nothing for this long has stalled (seen: 10 minutes of silence, then the next try was
-# up within a minute); it is stopped and started again, up to RESTART_TRIES times.
-RESTART_STALL_S = 180.0
-RESTART_TRIES = 3
+# Restarts sometimes sit for minutes without printing a line, blocked in the kernel (once ignoring SIGKILL
+# for over 20 s), then the next try is up within a minute; stopping them early (after 180 s of silence)
+# only failed differently, so each try gets the whole RESTART_TIMEOUT_S.
+RESTART_TRIES = 2
 
 
 def log(message: str) -> None:
@@ -141,11 +140,10 @@ def restart(server: VllmSidecar) -> None:
     """Start a killed sidecar again, as an orchestrator would: up to RESTART_TRIES starts.
 
     What is tested is the gateway taking the backend back, not vLLM's start-up; a start that failed or
-    stalled is reported as a warning with its cause (CI shows it), and only a failure of every try fails the
-    test.
+    timed out is reported as a warning with its cause (CI shows it), and only a failure of every try fails
+    the test.
     """
     server.startup_timeout_s = max(server.startup_timeout_s, RESTART_TIMEOUT_S)
-    server.stall_timeout_s = RESTART_STALL_S
     failures: list[str] = []
     for attempt in range(1, RESTART_TRIES + 1):
         try:

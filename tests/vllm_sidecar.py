@@ -22,6 +22,7 @@ VLLM_VENV = Path(os.environ.get("RERANK_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
 # 65-130 s on 2 idle cores; more when other work shares them.
 STARTUP_TIMEOUT_S = float(os.environ.get("RERANK_VLLM_STARTUP_TIMEOUT_S", "300"))
 STOP_TIMEOUT_S = 20.0
+KILL_WAIT_S = 120.0
 
 
 SHM_DIR = Path("/dev/shm")
@@ -127,10 +128,6 @@ class VllmSidecar:
                 *extra_env,
             ),
         )
-        # Seconds without a new byte in the log after which a start counts as stalled (None: only the total
-        # bound applies). A restart under load once printed nothing for 10 minutes, until stopped (its
-        # engine-core process never logged a line), while the next try, identical, was up within a minute.
-        self.stall_timeout_s: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.last_start_s: float | None = None
@@ -182,18 +179,8 @@ class VllmSidecar:
             )
         self.starts += 1
         deadline = started + self.startup_timeout_s
-        log_size, grew_at = -1, time.monotonic()
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while True:
-                size = self.log_path.stat().st_size
-                if size != log_size:
-                    log_size, grew_at = size, time.monotonic()
-                elif self.stall_timeout_s is not None and time.monotonic() - grew_at > self.stall_timeout_s:
-                    self.stop()
-                    raise SidecarError(
-                        f"vLLM printed nothing for {self.stall_timeout_s:.0f} s during start-up, stopped as "
-                        f"stalled ({host_state()}):\n{self.log_tail()}"
-                    )
                 if self.proc.poll() is not None:
                     code = self.proc.returncode
                     self._reap_group(set())  # what it started (engine core, worker) goes with it
@@ -229,9 +216,19 @@ class VllmSidecar:
             self.proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
+            self._wait_killed()
         self._reap_group(segments)
         self.proc = None
+
+    def _wait_killed(self) -> None:
+        """Wait for a SIGKILLed server. A process blocked in the kernel (a start-up that sat for minutes
+        without printing a line once ignored SIGKILL for over 20 s) dies only when the kernel lets it: wait
+        longer, then go on rather than fail the caller."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            print(f"vLLM pid {self.proc.pid} still alive {KILL_WAIT_S:.0f} s after SIGKILL", flush=True)
 
     def kill(self) -> None:
         """SIGKILL the whole server (a crash, as the fault-tolerance tests need)."""
@@ -239,7 +236,7 @@ class VllmSidecar:
             return
         segments = shm_segments(group_pids(self.proc.pid))
         self._signal(signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._wait_killed()
         self._reap_group(segments)
         self.proc = None
 
