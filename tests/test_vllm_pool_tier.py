@@ -77,6 +77,7 @@ def sidecars(expected, tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFacto
             # Each engine on its own core (vLLM's "auto" puts both on core 0): two machines' worth of
             # symmetry on one box, so the shares measure the balancing, not which one the OS favoured.
             extra_env=(("VLLM_CPU_OMP_THREADS_BIND", str(i % CORES)),),
+            cpus=frozenset({i % CORES}),
         )
         for i in range(2)
     ]

@@ -103,7 +103,9 @@ class VllmSidecar:
         max_model_len: int = 8448,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         extra_env: tuple[tuple[str, str], ...] = (),
+        cpus: frozenset[int] | None = None,
     ) -> None:
+        """`cpus`: the CPUs the server's processes start on (inherited by its engine core and worker)."""
         self.port = port
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,7 @@ class VllmSidecar:
                 *extra_env,
             ),
         )
+        self.cpus = cpus
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.last_start_s: float | None = None
@@ -159,6 +162,11 @@ class VllmSidecar:
         if reason:
             raise SidecarError(reason)
         argv = vllm_launch.build_argv(self.options)
+        if self.cpus is not None:
+            # Started on its own CPUs (taskset execs the server: same pid), a pinned server never has to be
+            # moved off another's: a restarted engine core once sat for minutes in sched_setaffinity (the
+            # kernel's affine_move_task), being moved off the core where the other server's worker spun.
+            argv = ["taskset", "--cpu-list", ",".join(map(str, sorted(self.cpus))), *argv]
         env = vllm_launch.build_env(self.options)
         # The gateway's venv must not leak into the vLLM venv's interpreter.
         for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
