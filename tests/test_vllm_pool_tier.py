@@ -31,12 +31,10 @@ TOLERANCE = 1e-3
 SHARE_BOUNDS = (0.30, 0.70)
 SWITCH_BOUND_S = 45.0
 RECOVERY_BOUND_S = 90.0
-# A restart competes for the 2 cores with the survivor, the gateway and the stream: 218 s here with both
-# cores loaded, and over the sidecar's default 300 s on a slower CI host (then cut by SIGTERM mid-start).
+# Before each sidecar was started on its own core, restarts sat for minutes in the kernel being moved off the
+# survivor's busy core (over 300 s on CI, then cut mid-start); started there, one took 31 s. The bounds stay
+# generous for a slower host: each try gets RESTART_TIMEOUT_S, and a second try follows a failed one.
 RESTART_TIMEOUT_S = 600.0
-# Restarts sometimes sit for minutes without printing a line, blocked in the kernel (once ignoring SIGKILL
-# for over 20 s), then the next try is up within a minute; stopping them early (after 180 s of silence)
-# only failed differently, so each try gets the whole RESTART_TIMEOUT_S.
 RESTART_TRIES = 2
 
 
@@ -74,8 +72,9 @@ def sidecars(expected, tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFacto
             port=free_port(),
             work_dir=tmp_path_factory.mktemp(f"vllm-pool-{i}"),
             served_model_name=SERVED,
-            # Each engine on its own core (vLLM's "auto" puts both on core 0): two machines' worth of
-            # symmetry on one box, so the shares measure the balancing, not which one the OS favoured.
+            # Each server on its own core from its start, its engine bound there (vLLM's "auto" puts both
+            # on core 0): two machines' worth of symmetry on one box, so the shares measure the balancing,
+            # not which one the OS favoured.
             extra_env=(("VLLM_CPU_OMP_THREADS_BIND", str(i % CORES)),),
             cpus=frozenset({i % CORES}),
         )
